@@ -1,0 +1,214 @@
+"""EM Distillation as pure functions over callables; every equation label refers to docs/ALGORITHM.md.
+
+Nothing here knows about diffusers: `generator(z) -> x0`, `teacher_eps(x_t, t) -> guided eps` and
+`fake_eps(x_t, t) -> eps` are plain callables (conditioning is closed over by the caller), so the same code
+distills a Stable Diffusion UNet, the toy teacher, or the analytic oracle in `emd_t2i.oracle`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+from .schedule import alpha_sigma, x0_from_eps
+
+EpsFn = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> eps
+GeneratorFn = Callable[[Tensor], Tensor]  # z -> x0
+Weighting = Literal["dmd", "none"]
+
+
+# ---------------------------------------------------------------- the roles' parameterisations
+def guided_eps(eps_uncond: Tensor, eps_cond: Tensor, guidance_scale: float) -> Tensor:
+    """(C1) eps^w = eps(null) + w * (eps(c) - eps(null))."""
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def generator_x0(z: Tensor, eps_at_t_star: Tensor, alpha_star: Tensor, sigma_star: Tensor) -> Tensor:
+    """(G1) g(z, c) = (z - sigma_{t*} eps_theta(z, t*, c)) / alpha_{t*}: the x0-prediction from pure noise."""
+    return x0_from_eps(z, eps_at_t_star, alpha_star, sigma_star)
+
+
+# ---------------------------------------------------------------- E-step
+def grad_log_pi_eps(delta: Tensor, eps: Tensor) -> Tensor:
+    """(E1) grad_eps log pi = -delta - eps, with delta = eps_T^w(x_t) - eps_psi(x_t)."""
+    return -delta - eps
+
+
+def grad_log_pi_z(jvp_delta: Tensor, z: Tensor, alpha_t: Tensor, sigma_t: Tensor) -> Tensor:
+    """(E2) grad_z log pi = -(alpha_t / sigma_t) J_g(z)^T delta - z; `jvp_delta` is J_g(z)^T delta."""
+    return -(alpha_t / sigma_t) * jvp_delta - z
+
+
+def langevin_step(x: Tensor, grad: Tensor, gamma: float, noise: Tensor) -> Tensor:
+    """(L1)/(L2) x_{k+1} = x_k + (gamma / 2) grad + sqrt(gamma) noise."""
+    return x + 0.5 * gamma * grad + math.sqrt(gamma) * noise
+
+
+def injected_noise_step(nu: Tensor, gamma_eps: float, noise: Tensor) -> Tensor:
+    """(NC1) nu_{k+1} = (1 - gamma_eps / 2) nu_k + sqrt(gamma_eps) n_k: the injected noise carried by (L1)."""
+    return (1 - 0.5 * gamma_eps) * nu + math.sqrt(gamma_eps) * noise
+
+
+def cancel_noise(eps_k: Tensor, nu_k: Tensor) -> Tensor:
+    """(NC2) eps_tilde = eps_K - nu_K."""
+    return eps_k - nu_k
+
+
+@dataclass(frozen=True)
+class EStepResult:
+    """What the M-step and the fake-score update need from the E-step (all detached)."""
+
+    z: Tensor  # z_K
+    eps_tilde: Tensor  # (NC2), or eps_K with cancellation off
+    x0_last: Tensor  # g(z) at the last evaluated x_t (for the "dmd" weighting)
+    x0_hat_teacher_last: Tensor  # (N2) of the guided teacher at the last evaluated x_t
+    x0_initial: Tensor  # g(z_0), z_0 ~ N(0, I): an unbiased generator sample for (F1)
+
+
+def e_step(
+    generator: GeneratorFn,
+    teacher_eps: EpsFn,
+    fake_eps: EpsFn,
+    z0: Tensor,
+    eps0: Tensor,
+    t: Tensor,
+    alphas_cumprod: Tensor,
+    num_steps: int,
+    gamma_eps: float,
+    gamma_z: float,
+    noise_cancellation: bool = True,
+    rng: torch.Generator | None = None,
+    x0_initial: Tensor | None = None,
+) -> EStepResult:
+    """Reparametrised Langevin on (eps, z) toward pi_t (E0), K = `num_steps` steps of (E1, E2, L1, L2, NC1).
+
+    Teacher and fake-score calls keep no graph. The generator keeps a graph only w.r.t. z, and only when
+    gamma_z > 0; with gamma_z = 0 z never moves, so g(z_0) is computed once (or taken from `x0_initial`).
+    """
+    assert num_steps >= 1 and gamma_eps >= 0 and gamma_z >= 0
+    alpha_t, sigma_t = alpha_sigma(alphas_cumprod, t, like=eps0)
+    z, eps, nu = z0, eps0, torch.zeros_like(eps0)
+    moves_z = gamma_z > 0
+    x0 = x0_initial
+    first_x0 = x0_initial
+    for _ in range(num_steps):
+        if moves_z:
+            with torch.enable_grad():
+                z_leaf = z.detach().requires_grad_(True)
+                x0_graph = generator(z_leaf)
+            x0 = x0_graph.detach()
+        elif x0 is None:
+            with torch.no_grad():
+                x0 = generator(z).detach()
+        first_x0 = x0 if first_x0 is None else first_x0
+        x_t = alpha_t * x0 + sigma_t * eps
+        with torch.no_grad():
+            eps_teacher = teacher_eps(x_t, t)
+            delta = eps_teacher - fake_eps(x_t, t)
+        n_k = torch.randn(eps.shape, generator=rng, device=eps.device, dtype=eps.dtype)
+        eps_next = langevin_step(eps, grad_log_pi_eps(delta, eps), gamma_eps, n_k)
+        if noise_cancellation:
+            nu = injected_noise_step(nu, gamma_eps, n_k)
+        if moves_z:
+            # Only a vector-Jacobian product w.r.t. z: no parameter gradient is accumulated.
+            (jvp_delta,) = torch.autograd.grad(x0_graph, z_leaf, grad_outputs=delta.to(x0_graph.dtype))
+            m_k = torch.randn(z.shape, generator=rng, device=z.device, dtype=z.dtype)
+            z = langevin_step(z, grad_log_pi_z(jvp_delta, z, alpha_t, sigma_t), gamma_z, m_k).detach()
+        eps = eps_next
+    return EStepResult(
+        z=z.detach(),
+        eps_tilde=cancel_noise(eps, nu) if noise_cancellation else eps,
+        x0_last=x0,
+        x0_hat_teacher_last=x0_from_eps(x_t, eps_teacher, alpha_t, sigma_t),
+        x0_initial=first_x0,
+    )
+
+
+# ---------------------------------------------------------------- M-step and fake score
+def dmd_weight(x0: Tensor, x0_hat_teacher: Tensor) -> Tensor:
+    """DMD's per-sample normaliser w = 1 / mean|x0 - x0_hat_T| (stop-gradient), shaped (B,)."""
+    dims = tuple(range(1, x0.ndim))
+    return 1.0 / (x0.detach() - x0_hat_teacher.detach()).abs().mean(dim=dims).clamp_min(1e-8)
+
+
+def m_step_loss(x0: Tensor, eps_tilde: Tensor, alpha_t: Tensor, sigma_t: Tensor, weight: Tensor) -> Tensor:
+    """(M1) L = 0.5 w(t) || g(z_K) - sg(g(z_K) + (sigma_t / alpha_t) eps_tilde) ||^2.
+
+    Reduced as a mean over elements and samples (DMD2's reduction: a positive constant per element count,
+    so learning rates and clipping thresholds carry over). Its gradient is -w (sigma/alpha) J^T eps_tilde
+    per element; the value is a diagnostic only.
+    """
+    target = (x0 + (sigma_t / alpha_t) * eps_tilde).detach()
+    per_sample = 0.5 * (x0.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    return (weight.float() * per_sample).mean()
+
+
+def fake_score_loss(eps_pred: Tensor, eps: Tensor) -> Tensor:
+    """(F1) L_psi = || eps_psi(alpha_t sg(g(z)) + sigma_t eps, t, c) - eps ||^2, mean over elements."""
+    return (eps_pred.float() - eps.float()).pow(2).mean()
+
+
+def sample_timesteps(batch: int, t_min: int, t_max: int, device, rng: torch.Generator | None = None) -> Tensor:
+    """t ~ uniform integers in [t_min, t_max], one per sample."""
+    return torch.randint(t_min, t_max + 1, (batch,), generator=rng, device=device)
+
+
+# ---------------------------------------------------------------- one generator update, assembled
+@dataclass(frozen=True)
+class GeneratorStep:
+    loss: Tensor  # (M1), with a graph to theta
+    x0_sample: Tensor  # detached g(z_0), z_0 ~ N(0, I), for the fake-score update
+    weight_mean: float
+    eps_tilde_rms: float
+
+
+def generator_step(
+    generator: GeneratorFn,
+    teacher_eps: EpsFn,
+    fake_eps: EpsFn,
+    z0: Tensor,
+    eps0: Tensor,
+    t: Tensor,
+    alphas_cumprod: Tensor,
+    num_steps: int,
+    gamma_eps: float,
+    gamma_z: float,
+    noise_cancellation: bool = True,
+    weighting: Weighting = "dmd",
+    rng: torch.Generator | None = None,
+) -> GeneratorStep:
+    """E-step then the (M1) loss. With gamma_z = 0, z_K = z_0, so the one generator forward that carries the
+    M-step graph also serves the whole E-step: (3K + 1) B forward rows instead of (4K + 1) B."""
+    x0_with_graph = generator(z0) if gamma_z == 0 else None
+    result = e_step(
+        generator, teacher_eps, fake_eps, z0, eps0, t, alphas_cumprod, num_steps, gamma_eps, gamma_z,
+        noise_cancellation, rng,
+        x0_initial=None if x0_with_graph is None else x0_with_graph.detach(),
+    )
+    x0 = generator(result.z) if x0_with_graph is None else x0_with_graph
+    if weighting == "dmd":
+        weight = dmd_weight(result.x0_last, result.x0_hat_teacher_last)
+    else:
+        weight = torch.ones(x0.shape[0], device=x0.device)
+    alpha_t, sigma_t = alpha_sigma(alphas_cumprod, t, like=x0)
+    loss = m_step_loss(x0, result.eps_tilde, alpha_t, sigma_t, weight)
+    return GeneratorStep(
+        loss=loss,
+        x0_sample=result.x0_initial,
+        weight_mean=float(weight.mean()),
+        eps_tilde_rms=float(result.eps_tilde.float().pow(2).mean().sqrt()),
+    )
+
+
+def fake_score_step(
+    fake_eps: EpsFn, x0: Tensor, t: Tensor, alphas_cumprod: Tensor, rng: torch.Generator | None = None
+) -> Tensor:
+    """(F1) on detached generator samples x0, with fresh eps."""
+    eps = torch.randn(x0.shape, generator=rng, device=x0.device, dtype=x0.dtype)
+    alpha_t, sigma_t = alpha_sigma(alphas_cumprod, t, like=x0)
+    x_t = alpha_t * x0.detach() + sigma_t * eps
+    return fake_score_loss(fake_eps(x_t, t), eps)
