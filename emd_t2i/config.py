@@ -1,0 +1,159 @@
+"""The one validated, frozen configuration of a distillation run, its presets, and its config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+DEFAULT_TARGET_MODULES = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+)
+MIXED_PRECISION = ("no", "fp16", "bf16")
+WEIGHTINGS = ("dmd", "none")
+REPORT_TO = ("none", "tensorboard", "wandb")
+# Fields that may change when a run is resumed with the same output folder (they do not change the math).
+RESUMABLE_FIELDS = frozenset(
+    {"iterations", "checkpoint_every", "keep_checkpoints", "validate_every", "log_every", "report_to", "device"}
+)
+
+
+def _opt(help: str, **kw) -> Any:
+    return field(metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Everything that defines an EMD distillation run. Field `foo_bar` is the CLI flag `--foo-bar`."""
+
+    teacher: str = _opt("registry name (see `emd-t2i teachers`), local diffusers folder, or hub id", default="toy")
+    prompts: str = _opt("prompt source: .txt/.jsonl/.csv file, folder of .txt, or hf:owner/name", default="")
+    output: str = _opt("run folder (config, logs, samples, checkpoints, export)", default="runs/emd")
+    prompt_column: str | None = _opt("column of a .jsonl/.csv/hf prompt source", default=None)
+    # --- EMD (docs/ALGORITHM.md)
+    num_langevin_steps: int = _opt("K, Langevin steps of the E-step", default=8)
+    gamma_eps: float = _opt("step size of the eps chain (L1)", default=0.4)
+    gamma_z: float = _opt("step size of the z chain (L2); 0 keeps z fixed", default=0.0)
+    noise_cancellation: bool = _opt("remove the injected eps-chain noise (NC1, NC2)", default=True)
+    t_star: int = _opt("generator timestep t* (G1)", default=999)
+    t_min: int = _opt("smallest E-step timestep", default=20)
+    t_max: int = _opt("largest E-step timestep", default=980)
+    guidance_scale: float = _opt("classifier-free guidance w of the teacher (C1)", default=4.5)
+    weighting: str = _opt("M-step weighting w(t): dmd | none (M1)", default="dmd")
+    fake_updates: int = _opt("fake-score updates (F1) per generator update", default=1)
+    # --- optimisation
+    iterations: int = _opt("generator updates in total", default=4000)
+    batch_size: int = _opt("samples per iteration and process", default=4)
+    generator_lr: float = _opt("learning rate of the generator LoRA", default=1e-4)
+    fake_lr: float = _opt("learning rate of the fake-score LoRA", default=1e-4)
+    generator_rank: int = _opt("LoRA rank of the generator", default=64)
+    fake_rank: int = _opt("LoRA rank of the fake score", default=64)
+    target_modules: tuple[str, ...] = _opt("UNet modules that get LoRA", default=DEFAULT_TARGET_MODULES)
+    max_grad_norm: float = _opt("gradient clipping (0 turns it off)", default=1.0)
+    grad_accum: int = _opt("gradient accumulation steps", default=1)
+    mixed_precision: str = _opt("no | fp16 | bf16 (frozen base in half precision, LoRA in fp32)", default="no")
+    gradient_checkpointing: bool = _opt("recompute UNet activations in backward", default=False)
+    seed: int = _opt("seed of everything; a CPU run is reproducible bit for bit", default=0)
+    # --- watching and saving
+    log_every: int = _opt("iterations between log lines", default=10)
+    validate_every: int = _opt("iterations between validation grids (0: only at the end)", default=250)
+    num_validation_prompts: int = _opt("prompts in the validation grid", default=4)
+    checkpoint_every: int = _opt("iterations between checkpoints", default=250)
+    keep_checkpoints: int = _opt("checkpoints kept (older ones are deleted)", default=2)
+    report_to: str = _opt("none | tensorboard | wandb (JSONL logs are always written)", default="none")
+    device: str = _opt("auto | cpu | cuda | cuda:N", default="auto")
+
+    def __post_init__(self):
+        for problem in _problems(self):
+            raise UserError(problem)
+
+    # ------------------------------------------------------------ persistence
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DistillConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"config.json: unknown keys {unknown}; was it written by another emd-t2i version?")
+        if "target_modules" in data:
+            data = {**data, "target_modules": tuple(data["target_modules"])}
+        return cls(**data)
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "DistillConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def differences(self, other: "DistillConfig") -> list[str]:
+        """Flags whose values differ and that would change the run's math (so resuming is refused)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [flag(k) for k in mine if k not in RESUMABLE_FIELDS and mine[k] != theirs[k]]
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _problems(c: DistillConfig):
+    positive = ("num_langevin_steps", "iterations", "batch_size", "generator_rank", "fake_rank", "grad_accum",
+                "log_every", "checkpoint_every", "keep_checkpoints", "fake_updates")
+    for name in positive:
+        if getattr(c, name) < 1:
+            yield f"{flag(name)} must be >= 1 (got {getattr(c, name)})"
+    for name in ("gamma_eps", "gamma_z", "max_grad_norm", "validate_every", "num_validation_prompts"):
+        if getattr(c, name) < 0:
+            yield f"{flag(name)} must be >= 0 (got {getattr(c, name)})"
+    for name in ("generator_lr", "fake_lr"):
+        if not getattr(c, name) > 0:
+            yield f"{flag(name)} must be > 0 (got {getattr(c, name)})"
+    if c.gamma_eps > 2:
+        yield f"--gamma-eps must be <= 2: (L1) contracts eps by (1 - gamma/2) per step (got {c.gamma_eps})"
+    if not 0 <= c.t_min < c.t_max <= 999:
+        yield f"need 0 <= --t-min < --t-max <= 999 (got --t-min {c.t_min}, --t-max {c.t_max})"
+    if not 0 < c.t_star <= 999:
+        yield f"--t-star must be in 1..999 (got {c.t_star})"
+    if c.guidance_scale < 1:
+        yield f"--guidance-scale must be >= 1 (1 = no guidance; got {c.guidance_scale})"
+    if c.weighting not in WEIGHTINGS:
+        yield f"--weighting must be one of {', '.join(WEIGHTINGS)} (got {c.weighting!r})"
+    if c.mixed_precision not in MIXED_PRECISION:
+        yield f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)} (got {c.mixed_precision!r})"
+    if c.report_to not in REPORT_TO:
+        yield f"--report-to must be one of {', '.join(REPORT_TO)} (got {c.report_to!r})"
+    if not c.target_modules:
+        yield "--target-modules needs at least one module name"
+    if not (c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:")):
+        yield f"--device must be auto, cpu, cuda or cuda:N (got {c.device!r})"
+
+
+# Defaults per teacher, applied under the flags a user gave. Numbers for `toy` come from docs/BENCHMARKS.md.
+PRESETS: dict[str, dict[str, Any]] = {
+    "toy": dict(
+        iterations=300, batch_size=32, generator_lr=3e-4, fake_lr=3e-4, generator_rank=16, fake_rank=16,
+        guidance_scale=3.0, log_every=10, validate_every=100, checkpoint_every=50, num_validation_prompts=8,
+    ),
+}
+
+
+def build_config(**given: Any) -> DistillConfig:
+    """The config from the flags a user gave (None = not given), over the teacher's preset, over defaults."""
+    given = {k: v for k, v in given.items() if v is not None}
+    preset = PRESETS.get(given.get("teacher", DistillConfig.teacher), {})
+    return DistillConfig(**{**preset, **given})
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that a crash leaves either the old or the new content, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

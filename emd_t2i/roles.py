@@ -1,0 +1,135 @@
+"""One UNet in three roles: the frozen teacher (adapters off), the generator and the fake score (LoRA adapters)."""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+
+import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from torch import Tensor
+
+from .emd import generator_x0, guided_eps
+from .schedule import alpha_sigma, eps_from_v
+
+GENERATOR = "generator"
+FAKE_SCORE = "fake_score"
+TEACHER = None  # adapters off
+
+
+def lora_config(rank: int, target_modules: tuple[str, ...]) -> LoraConfig:
+    """A LoRA whose B matrices start at zero, so every role starts as the teacher; alpha = rank (scale 1)."""
+    return LoraConfig(r=rank, lora_alpha=rank, target_modules=list(target_modules), init_lora_weights=True)
+
+
+class Roles:
+    """The teacher eps_T (C1), generator g_theta (G1) and fake score eps_psi, all speaking through one UNet.
+
+    The base weights exist once; each role is the UNet with one adapter (or none) switched on. Everything
+    returned is an eps-prediction in float32 (v-prediction teachers are converted with (N2)).
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        alphas_cumprod: Tensor,
+        prediction_type: str = "epsilon",
+        t_star: int = 999,
+        guidance_scale: float = 1.0,
+    ):
+        assert prediction_type in ("epsilon", "v_prediction"), prediction_type
+        self.unet = unet
+        self.alphas_cumprod = alphas_cumprod
+        self.prediction_type = prediction_type
+        self.t_star = t_star
+        self.guidance_scale = guidance_scale
+        self._lora_layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+        self._lora_params = [p for n, p in unet.named_parameters() if "lora_" in n]
+        self.unet_rows = 0  # UNet batch rows evaluated: the unit of cost in docs/ALGORITHM.md
+
+    # ------------------------------------------------------------ adapters
+    def activate(self, adapter: str | None) -> None:
+        """Switch the UNet to one role.
+
+        peft also flips `requires_grad` to match the active adapter, which would silently drop the M-step
+        gradient when the teacher runs between the generator's forward and its backward (gamma_z = 0 shares
+        one generator forward between E- and M-step). So every LoRA weight stays trainable: gradients are
+        isolated by which adapter is active, `no_grad` around teacher and fake calls, and `autograd.grad`
+        w.r.t. z only in the E-step (tests/test_roles.py checks both).
+        """
+        for layer in self._lora_layers:
+            if adapter is None:
+                layer.enable_adapters(False)
+            else:
+                layer.enable_adapters(True)
+                layer.set_adapter(adapter)
+        for param in self._lora_params:
+            param.requires_grad_(True)
+
+    @contextmanager
+    def role(self, adapter: str | None):
+        self.activate(adapter)
+        try:
+            yield
+        finally:
+            self.activate(None)
+
+    # ------------------------------------------------------------ the three roles
+    def eps(self, adapter: str | None, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """eps(x_t, t, c) of one role."""
+        self.activate(adapter)
+        dtype = self.unet.dtype
+        out = self.unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
+        self.unet_rows += x_t.shape[0]
+        if self.prediction_type == "v_prediction":
+            alpha_t, sigma_t = alpha_sigma(self.alphas_cumprod, t, like=out)
+            out = eps_from_v(x_t.float(), out, alpha_t, sigma_t)
+        return out
+
+    def teacher_eps(self, x_t: Tensor, t: Tensor, cond: Tensor, uncond: Tensor) -> Tensor:
+        """(C1) guided teacher eps, as ONE batched UNet call over [uncond; cond]."""
+        if self.guidance_scale == 1.0:
+            return self.eps(TEACHER, x_t, t, cond)
+        both = self.eps(TEACHER, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
+        eps_uncond, eps_cond = both.chunk(2)
+        return guided_eps(eps_uncond, eps_cond, self.guidance_scale)
+
+    def generator(self, z: Tensor, cond: Tensor) -> Tensor:
+        """(G1) g_theta(z, c): the generator adapter's x0-prediction at t* from pure noise z."""
+        t = torch.full((z.shape[0],), self.t_star, device=z.device, dtype=torch.long)
+        alpha, sigma = alpha_sigma(self.alphas_cumprod, t, like=z)
+        return generator_x0(z.float(), self.eps(GENERATOR, z, t, cond), alpha.float(), sigma.float())
+
+    def fake_eps(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """eps_psi(x_t, t, c): the fake score, no guidance."""
+        return self.eps(FAKE_SCORE, x_t, t, cond)
+
+
+def add_roles(unet: torch.nn.Module, generator_rank: int, fake_rank: int, target_modules: tuple[str, ...]) -> None:
+    """Add the two zero-initialised LoRA adapters to the (frozen) UNet, in float32."""
+    unet.requires_grad_(False)
+    with warnings.catch_warnings():  # peft warns that a second adapter is "multiple adapters": intended
+        warnings.simplefilter("ignore", UserWarning)
+        unet.add_adapter(lora_config(generator_rank, target_modules), adapter_name=GENERATOR)
+        unet.add_adapter(lora_config(fake_rank, target_modules), adapter_name=FAKE_SCORE)
+    for name, param in unet.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+
+
+def adapter_parameters(unet: torch.nn.Module, adapter: str) -> list[torch.nn.Parameter]:
+    """The LoRA parameters of one adapter (for its optimizer)."""
+    return [p for n, p in unet.named_parameters() if "lora_" in n and f".{adapter}." in n + "."]
+
+
+def adapter_state_dict(unet: torch.nn.Module, adapter: str) -> dict[str, Tensor]:
+    """peft-format state dict of one adapter (keys without the adapter name)."""
+    return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=adapter).items()}
+
+
+def load_adapter_state_dict(unet: torch.nn.Module, adapter: str, state: dict[str, Tensor]) -> None:
+    result = set_peft_model_state_dict(unet, state, adapter_name=adapter)
+    unexpected = getattr(result, "unexpected_keys", [])
+    assert not unexpected, f"unexpected adapter keys: {unexpected[:3]}"
