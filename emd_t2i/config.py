@@ -77,7 +77,7 @@ class DistillConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DistillConfig":
+    def from_dict(cls, data: dict[str, Any]) -> DistillConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -90,10 +90,10 @@ class DistillConfig:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "DistillConfig":
+    def load(cls, path: Path) -> DistillConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
-    def differences(self, other: "DistillConfig") -> list[str]:
+    def differences(self, other: DistillConfig) -> list[str]:
         """Flags whose values differ and that would change the run's math (so resuming is refused)."""
         mine, theirs = self.to_dict(), other.to_dict()
         return [flag(k) for k in mine if k not in RESUMABLE_FIELDS and mine[k] != theirs[k]]
@@ -137,10 +137,11 @@ def _problems(c: DistillConfig):
 
 # Defaults per teacher, applied under the flags a user gave. Numbers for `toy` come from docs/BENCHMARKS.md.
 PRESETS: dict[str, dict[str, Any]] = {
-    "toy": dict(
-        iterations=300, batch_size=32, generator_lr=3e-4, fake_lr=3e-4, generator_rank=16, fake_rank=16,
-        guidance_scale=3.0, log_every=10, validate_every=100, checkpoint_every=50, num_validation_prompts=8,
-    ),
+    "toy": {
+        "iterations": 300, "batch_size": 32, "generator_lr": 3e-4, "fake_lr": 3e-4, "generator_rank": 16,
+        "fake_rank": 16, "guidance_scale": 3.0, "log_every": 10, "validate_every": 100, "checkpoint_every": 50,
+        "num_validation_prompts": 8,
+    },
 }
 
 

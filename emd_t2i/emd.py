@@ -8,8 +8,9 @@ distills a Stable Diffusion UNet, the toy teacher, or the analytic oracle in `em
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -105,6 +107,14 @@ class Roles:
     def fake_eps(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """eps_psi(x_t, t, c): the fake score, no guidance."""
         return self.eps(FAKE_SCORE, x_t, t, cond)
+
+    def bind(self, cond: Tensor, uncond: Tensor) -> tuple[Callable, Callable, Callable]:
+        """The three roles with the conditioning closed over: what `emd.py`'s functions take."""
+        return (
+            functools.partial(self.generator, cond=cond),
+            functools.partial(self.teacher_eps, cond=cond, uncond=uncond),
+            functools.partial(self.fake_eps, cond=cond),
+        )
 
 
 def add_roles(unet: torch.nn.Module, generator_rank: int, fake_rank: int, target_modules: tuple[str, ...]) -> None:

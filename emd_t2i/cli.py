@@ -1,0 +1,191 @@
+"""The `emd-t2i` command line: a thin Typer shell over the library's functions."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .config import PRESETS, DistillConfig, build_config
+from .errors import UserError
+
+app = typer.Typer(
+    help="Distill a Stable Diffusion teacher into a one-step generator with EM Distillation (EMD).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+toy_app = typer.Typer(help="The embedded toy teacher: train it, inspect its domain.", no_args_is_help=True)
+app.add_typer(toy_app, name="toy")
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def user_errors(fn):
+    """A user's mistake ends in one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            raise fail(str(err)) from None
+
+    return wrapper
+
+
+# ---------------------------------------------------------------- distill
+_FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
+
+
+def opt(name: str, panel: str):
+    """A `--flag` for config field `name`, with the field's help text and default (None = preset or default)."""
+    f = _FIELDS[name]
+    default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+    flag = "--" + name.replace("_", "-")
+    decls = [f"{flag}/--no-{flag[2:]}"] if f.type in ("bool", bool) else [flag]
+    return typer.Option(*decls, help=f"{f.metadata['help']} [default: {default}]", rich_help_panel=panel,
+                        show_default=False)
+
+
+RUN, EMD, OPTIM, WATCH = "Run", "EMD (docs/ALGORITHM.md)", "Optimisation", "Watching and saving"
+
+
+@app.command(epilog="Example: emd-t2i distill --teacher sd-1.5 --prompts prompts/general.txt --output runs/sd15")
+@user_errors
+def distill(
+    teacher: Annotated[str | None, opt("teacher", RUN)] = None,
+    prompts: Annotated[str | None, opt("prompts", RUN)] = None,
+    output: Annotated[str | None, opt("output", RUN)] = None,
+    prompt_column: Annotated[str | None, opt("prompt_column", RUN)] = None,
+    num_langevin_steps: Annotated[int | None, opt("num_langevin_steps", EMD)] = None,
+    gamma_eps: Annotated[float | None, opt("gamma_eps", EMD)] = None,
+    gamma_z: Annotated[float | None, opt("gamma_z", EMD)] = None,
+    noise_cancellation: Annotated[bool | None, opt("noise_cancellation", EMD)] = None,
+    t_star: Annotated[int | None, opt("t_star", EMD)] = None,
+    t_min: Annotated[int | None, opt("t_min", EMD)] = None,
+    t_max: Annotated[int | None, opt("t_max", EMD)] = None,
+    guidance_scale: Annotated[float | None, opt("guidance_scale", EMD)] = None,
+    weighting: Annotated[str | None, opt("weighting", EMD)] = None,
+    fake_updates: Annotated[int | None, opt("fake_updates", EMD)] = None,
+    iterations: Annotated[int | None, opt("iterations", OPTIM)] = None,
+    batch_size: Annotated[int | None, opt("batch_size", OPTIM)] = None,
+    generator_lr: Annotated[float | None, opt("generator_lr", OPTIM)] = None,
+    fake_lr: Annotated[float | None, opt("fake_lr", OPTIM)] = None,
+    generator_rank: Annotated[int | None, opt("generator_rank", OPTIM)] = None,
+    fake_rank: Annotated[int | None, opt("fake_rank", OPTIM)] = None,
+    target_modules: Annotated[str | None, opt("target_modules", OPTIM)] = None,
+    max_grad_norm: Annotated[float | None, opt("max_grad_norm", OPTIM)] = None,
+    grad_accum: Annotated[int | None, opt("grad_accum", OPTIM)] = None,
+    mixed_precision: Annotated[str | None, opt("mixed_precision", OPTIM)] = None,
+    gradient_checkpointing: Annotated[bool | None, opt("gradient_checkpointing", OPTIM)] = None,
+    seed: Annotated[int | None, opt("seed", OPTIM)] = None,
+    log_every: Annotated[int | None, opt("log_every", WATCH)] = None,
+    validate_every: Annotated[int | None, opt("validate_every", WATCH)] = None,
+    num_validation_prompts: Annotated[int | None, opt("num_validation_prompts", WATCH)] = None,
+    checkpoint_every: Annotated[int | None, opt("checkpoint_every", WATCH)] = None,
+    keep_checkpoints: Annotated[int | None, opt("keep_checkpoints", WATCH)] = None,
+    report_to: Annotated[str | None, opt("report_to", WATCH)] = None,
+    device: Annotated[str | None, opt("device", WATCH)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved config and check inputs; train nothing")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="start over in an --output that holds another run (the old one is moved aside)")] = False,
+    no_export: Annotated[bool, typer.Option("--no-export", help="do not export at the end")] = False,
+):
+    """Distill a teacher into a one-step generator. Running the same command again resumes."""
+    given = {k: v for k, v in locals().items() if k in _FIELDS}
+    if target_modules is not None:
+        given["target_modules"] = tuple(m.strip() for m in target_modules.split(",") if m.strip())
+    cfg = build_config(**given)
+    check_inputs(cfg)
+    if dry_run:
+        typer.echo(json.dumps(cfg.to_dict(), indent=2))
+        return
+    from .train import distill as run_distill
+
+    try:
+        run_dir = run_distill(cfg, overwrite=overwrite)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    if not no_export:
+        from .export import export_run
+
+        typer.echo(f"exported to {export_run(run_dir, overwrite=True)}")
+    typer.echo(f"run folder: {run_dir}")
+
+
+def check_inputs(cfg: DistillConfig) -> None:
+    """Cheap checks of what a run will read, so a mistake shows before any model is loaded."""
+    from .teachers import resolve_teacher
+
+    resolve_teacher(cfg.teacher)
+    if cfg.prompts and not cfg.prompts.startswith("hf:"):
+        from .prompts import load_prompts
+
+        load_prompts(cfg.prompts, column=cfg.prompt_column, limit=1)
+
+
+# ---------------------------------------------------------------- teachers, toy
+@app.command()
+@user_errors
+def teachers():
+    """List the teachers this tool knows by name (any local diffusers folder or hub id works too)."""
+    from .teachers import teacher_table
+
+    rows = teacher_table()
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
+    typer.echo("  ".join(k.ljust(widths[k]) for k in keys))
+    for r in rows:
+        typer.echo("  ".join(str(r[k]).ljust(widths[k]) for k in keys))
+    typer.echo(f"presets with tuned defaults: {', '.join(PRESETS)}")
+
+
+@toy_app.command("train-teacher")
+@user_errors
+def toy_train_teacher(
+    output: Annotated[Path, typer.Option(help="where to save the pipeline folder")] = Path("runs/toy-teacher"),
+    minutes: Annotated[float, typer.Option(help="wall-clock budget for the diffusion model")] = 60.0,
+):
+    """Train the toy teacher with the project's recipe (resumable: run again to continue)."""
+    from .toy.train_teacher import train_teacher
+
+    train_teacher(output, minutes=minutes)
+    typer.echo(f"toy teacher saved to {output}")
+
+
+# ---------------------------------------------------------------- commands built in other modules
+@app.command()
+@user_errors
+def export(run_dir: Annotated[Path, typer.Argument(help="a run folder made by `emd-t2i distill`")]):
+    """Export a run as a diffusers LoRA, a one-step pipeline folder and a kohya LoRA."""
+    raise fail("`emd-t2i export` is not built yet", code=1)
+
+
+@app.command()
+@user_errors
+def sample(prompt: Annotated[str, typer.Argument(help="the text prompt")]):
+    """Generate images with a distilled one-step model."""
+    raise fail("`emd-t2i sample` is not built yet", code=1)
+
+
+@app.command("eval")
+@user_errors
+def evaluate():
+    """Evaluate an export: FID and CLIP score (and the toy metrics for the toy teacher)."""
+    raise fail("`emd-t2i eval` is not built yet", code=1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

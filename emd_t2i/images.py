@@ -1,0 +1,31 @@
+"""Latents to pictures: VAE decoding, PIL conversion, and grids."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: Tensor, scaling_factor: float) -> Tensor:
+    """VAE-decode (latents in the diffusion model's units) to images in [-1, 1], float32 on the CPU."""
+    images = vae.decode(latents.to(vae.dtype) / scaling_factor).sample
+    return images.float().clamp(-1, 1).cpu()
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """(N, 3, H, W) in [-1, 1] to PIL images."""
+    array = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    """Paste equally sized images into a grid, row by row."""
+    assert images, "no images to put in a grid"
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid
