@@ -17,7 +17,7 @@ from .config import DistillConfig
 from .emd import fake_score_step, generator_step, sample_timesteps
 from .errors import UserError
 from .images import decode_latents, make_grid, to_pil
-from .prompts import EmbeddingCache, load_prompts
+from .prompts import EmbeddingCache, load_prompts, truncate_report
 from .roles import (
     FAKE_SCORE,
     GENERATOR,
@@ -183,6 +183,7 @@ def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None 
     # Teacher, one UNet in three roles, optimizers.
     teacher = load_teacher(cfg.teacher, dtype=weight_dtype(cfg.mixed_precision), device=device)
     unet = teacher.unet
+    torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn at random (B = 0): seed them for reproducible runs
     add_roles(unet, cfg.generator_rank, cfg.fake_rank, cfg.target_modules)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -195,6 +196,7 @@ def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None 
 
     # Prompts, their embeddings (each encoded once), the null prompt for guidance.
     prompts = load_prompts(cfg.prompts, column=cfg.prompt_column) if cfg.prompts else default_prompts(cfg)
+    truncate_report(teacher.tokenizer, prompts)
     cache = EmbeddingCache(teacher.tokenizer, teacher.text_encoder)
     validation_prompts = list(dict.fromkeys(prompts))[: cfg.num_validation_prompts]
 

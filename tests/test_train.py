@@ -1,0 +1,186 @@
+"""The distillation run on a tiny teacher: the run folder, bit-exact resume, refusal of a foreign config, Ctrl-C."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from emd_t2i import checkpoint as ckpt
+from emd_t2i.cli import app
+from emd_t2i.config import DistillConfig
+from emd_t2i.errors import UserError
+from emd_t2i.train import batch_prompts, distill
+
+PROMPTS = ["a cat", "a dog on a beach", "a red car at night", "an old castle", "a bowl of fruit"]
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n\n")
+    return path
+
+
+def tiny_config(teacher, prompts, output, **overrides) -> DistillConfig:
+    base = dict(
+        teacher=str(teacher),
+        prompts=str(prompts),
+        output=str(output),
+        iterations=4,
+        batch_size=2,
+        num_langevin_steps=2,
+        gamma_eps=0.5,
+        gamma_z=0.1,
+        generator_rank=4,
+        fake_rank=4,
+        log_every=1,
+        validate_every=2,
+        checkpoint_every=2,
+        num_validation_prompts=3,
+        guidance_scale=2.0,
+        device="cpu",
+    )
+    return DistillConfig(**{**base, **overrides})
+
+
+def test_distill_through_the_cli_makes_a_complete_run_folder(tiny_teacher_dir, prompt_file, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "distill",
+        "--teacher",
+        str(tiny_teacher_dir),
+        "--prompts",
+        str(prompt_file),
+        "--output",
+        str(out),
+        "--iterations",
+        "3",
+        "--batch-size",
+        "2",
+        "--num-langevin-steps",
+        "2",
+        "--gamma-z",
+        "0.1",
+        "--generator-rank",
+        "4",
+        "--fake-rank",
+        "4",
+        "--log-every",
+        "1",
+        "--validate-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--device",
+        "cpu",
+        "--no-export",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+    saved = DistillConfig.load(out / "config.json")
+    assert saved.iterations == 3 and saved.num_langevin_steps == 2 and saved.teacher == str(tiny_teacher_dir)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    for record in log:
+        assert all(k in record for k in ("loss_generator", "loss_fake", "grad_norm_generator", "it_per_s"))
+    # (4K + 2) B forward rows per iteration with gamma_z > 0: the minimum of docs/ALGORITHM.md.
+    assert log[0]["unet_rows_per_it"] == (4 * 2 + 2) * 2
+    assert (out / "samples" / "step-000002.png").exists() and (out / "samples" / "step-000003.png").exists()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-000002", "step-000003"]
+    weights = load_file(str(ckpt.latest_checkpoint(out) / "generator.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items()), (
+        "generator never moved"
+    )
+
+
+def test_gamma_z_zero_shares_the_generator_forward(tiny_teacher_dir, prompt_file, tmp_path):
+    run = distill(
+        tiny_config(
+            tiny_teacher_dir, prompt_file, tmp_path / "r", iterations=1, gamma_z=0.0, validate_every=0
+        )
+    )
+    record = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert record["unet_rows_per_it"] == (3 * 2 + 2) * 2
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_teacher_dir, prompt_file, tmp_path):
+    straight = distill(tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "straight"))
+    interrupted = tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "resumed")
+    distill(interrupted, stop_after=2)
+    assert ckpt.checkpoint_step(ckpt.latest_checkpoint(tmp_path / "resumed")) == 2
+    distill(interrupted)  # the same command again continues from iteration 2 to 4
+
+    a, b = ckpt.latest_checkpoint(straight), ckpt.latest_checkpoint(tmp_path / "resumed")
+    assert a.name == b.name == "step-000004"
+    for name in ("generator", "fake_score"):
+        wa, wb = load_file(str(a / f"{name}.safetensors")), load_file(str(b / f"{name}.safetensors"))
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), f"{name}:{key} differs after resume"
+    sa, sb = ckpt.load_training_state(a), ckpt.load_training_state(b)
+    for group_a, group_b in zip(sa["opt_generator"]["state"].values(), sb["opt_generator"]["state"].values()):
+        assert torch.equal(group_a["exp_avg"], group_b["exp_avg"])
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4], "log lines were lost or duplicated across the resume"
+
+
+def test_a_different_config_on_an_existing_run_is_refused(tiny_teacher_dir, prompt_file, tmp_path):
+    cfg = tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "run", iterations=1, validate_every=0)
+    distill(cfg)
+    changed = tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "run", iterations=1, gamma_eps=0.9)
+    with pytest.raises(UserError, match="--gamma-eps"):
+        distill(changed)
+    result = CliRunner().invoke(
+        app,
+        [
+            "distill",
+            "--teacher",
+            str(tiny_teacher_dir),
+            "--prompts",
+            str(prompt_file),
+            "--output",
+            str(tmp_path / "run"),
+            "--gamma-eps",
+            "0.9",
+            "--no-export",
+        ],
+    )
+    assert result.exit_code == 2 and "--overwrite" in result.output and "Traceback" not in result.output
+    distill(changed, overwrite=True)  # the old run is moved aside, never deleted
+    backups = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(backups) == 1 and (backups[0] / "config.json").exists()
+    assert DistillConfig.load(tmp_path / "run" / "config.json").gamma_eps == 0.9
+
+
+def test_ctrl_c_saves_a_checkpoint_first(tiny_teacher_dir, prompt_file, tmp_path, monkeypatch):
+    import emd_t2i.train as train
+
+    real = train.generator_step
+    calls = {"n": 0}
+
+    def interrupt_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "generator_step", interrupt_on_third)
+    cfg = tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "run", checkpoint_every=100, validate_every=0)
+    with pytest.raises(KeyboardInterrupt):
+        distill(cfg)
+    assert ckpt.checkpoint_step(ckpt.latest_checkpoint(tmp_path / "run")) == 2
+
+
+def test_every_prompt_is_seen_once_per_epoch():
+    prompts = [f"p{i}" for i in range(7)]
+    seen = [
+        p for step in range(7) for p in batch_prompts(prompts, seed=3, step=step, rank=0, world=1, batch=2)
+    ]
+    assert sorted(seen[:7]) == sorted(prompts) and sorted(seen[7:14]) == sorted(prompts)
+    ranks = [batch_prompts(prompts, 3, 0, rank, 2, 2) for rank in (0, 1)]
+    assert not set(ranks[0]) & set(ranks[1]), "two processes drew the same prompts in one step"
