@@ -34,7 +34,7 @@ def _perturb(params, seed):
 
 
 def test_one_copy_of_the_base_weights(tiny_teacher_dir):
-    teacher, roles = _roles(tiny_teacher_dir)
+    teacher, _ = _roles(tiny_teacher_dir)
     base = [p for n, p in teacher.unet.named_parameters() if "lora_" not in n]
     lora = [p for n, p in teacher.unet.named_parameters() if "lora_" in n]
     ptrs = [p.data_ptr() for p in base]
@@ -49,7 +49,7 @@ def test_one_copy_of_the_base_weights(tiny_teacher_dir):
 def test_roles_start_as_the_teacher_and_adapters_off_is_the_teacher(tiny_teacher_dir):
     teacher, roles = _roles(tiny_teacher_dir)
     reference = load_teacher(str(tiny_teacher_dir), load_vae=False).unet
-    z, x, t, cond = _inputs(teacher)
+    _z, x, t, cond = _inputs(teacher)
     expected = reference(x, t, encoder_hidden_states=cond).sample
     with torch.no_grad():
         for adapter in (None, GENERATOR, FAKE_SCORE):
@@ -64,7 +64,7 @@ def test_roles_start_as_the_teacher_and_adapters_off_is_the_teacher(tiny_teacher
 
 def test_guidance_is_one_batched_call(tiny_teacher_dir):
     teacher, roles = _roles(tiny_teacher_dir, guidance_scale=4.0)
-    z, x, t, cond = _inputs(teacher)
+    _z, x, t, cond = _inputs(teacher)
     uncond = torch.zeros_like(cond)
     calls = []
     handle = teacher.unet.register_forward_pre_hook(

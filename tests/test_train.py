@@ -24,24 +24,24 @@ def prompt_file(tmp_path_factory):
 
 
 def tiny_config(teacher, prompts, output, **overrides) -> DistillConfig:
-    base = dict(
-        teacher=str(teacher),
-        prompts=str(prompts),
-        output=str(output),
-        iterations=4,
-        batch_size=2,
-        num_langevin_steps=2,
-        gamma_eps=0.5,
-        gamma_z=0.1,
-        generator_rank=4,
-        fake_rank=4,
-        log_every=1,
-        validate_every=2,
-        checkpoint_every=2,
-        num_validation_prompts=3,
-        guidance_scale=2.0,
-        device="cpu",
-    )
+    base = {
+        "teacher": str(teacher),
+        "prompts": str(prompts),
+        "output": str(output),
+        "iterations": 4,
+        "batch_size": 2,
+        "num_langevin_steps": 2,
+        "gamma_eps": 0.5,
+        "gamma_z": 0.1,
+        "generator_rank": 4,
+        "fake_rank": 4,
+        "log_every": 1,
+        "validate_every": 2,
+        "checkpoint_every": 2,
+        "num_validation_prompts": 3,
+        "guidance_scale": 2.0,
+        "device": "cpu",
+    }
     return DistillConfig(**{**base, **overrides})
 
 
@@ -158,7 +158,7 @@ def test_a_different_config_on_an_existing_run_is_refused(tiny_teacher_dir, prom
 
 
 def test_ctrl_c_saves_a_checkpoint_first(tiny_teacher_dir, prompt_file, tmp_path, monkeypatch):
-    import emd_t2i.train as train
+    from emd_t2i import train
 
     real = train.generator_step
     calls = {"n": 0}
