@@ -1,0 +1,369 @@
+"""Export a run's generator: diffusers LoRA, a one-step diffusers pipeline folder, a kohya LoRA, a model card."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .checkpoint import checkpoint_dir, checkpoint_step, latest_checkpoint, list_checkpoints
+from .config import DistillConfig
+from .errors import UserError
+from .roles import GENERATOR, load_adapter_state_dict, lora_config
+from .teachers import TEACHERS, load_teacher
+
+FORMATS = ("lora", "pipeline", "kohya")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
+KOHYA_FILE = "emd_lora_kohya.safetensors"  # must not end in LORA_FILE, or diffusers would guess it
+FACTS_FILE = "emd_t2i.json"
+SCHEDULER_DIR = "scheduler"  # the one-step scheduler, also for teacher + LoRA users
+PIPELINE_DIR = "pipeline"
+FACTS_PREFIX = "emd_t2i."
+EXAMPLE_PROMPT = "a photograph of a red fox in the snow"
+
+# The loading code shown in the model card and docs/EXPORT.md; tests/test_export.py executes the card's copy.
+PIPELINE_SNIPPET = """\
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{pipeline}")
+pipe = pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+prompt = "{prompt}"
+generator = torch.Generator("cpu").manual_seed(0)
+image = pipe(prompt, num_inference_steps=1, guidance_scale=0.0, generator=generator).images[0]
+image.save("sample.png")
+"""
+LORA_SNIPPET = """\
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{teacher}", safety_checker=None)
+pipe.load_lora_weights("{export}", weight_name="{lora_file}")
+pipe.scheduler = DDIMScheduler.from_pretrained("{export}", subfolder="{scheduler_dir}")
+pipe = pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+prompt = "{prompt}"
+generator = torch.Generator("cpu").manual_seed(0)
+image = pipe(prompt, num_inference_steps=1, guidance_scale=0.0, generator=generator).images[0]
+image.save("sample.png")
+"""
+
+
+def loading_snippets(export: str, teacher: str) -> dict[str, str]:
+    """The two diffusers snippets (pipeline folder, teacher + LoRA) for an export at `export`."""
+    values = {"export": export, "pipeline": f"{export}/{PIPELINE_DIR}", "teacher": teacher,
+              "prompt": EXAMPLE_PROMPT, "lora_file": LORA_FILE, "scheduler_dir": SCHEDULER_DIR}
+    return {"pipeline": PIPELINE_SNIPPET.format(**values), "lora": LORA_SNIPPET.format(**values)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The one-step scheduler
+# ---------------------------------------------------------------------------------------------------------
+
+
+def one_step_scheduler(teacher_scheduler_config: dict, t_star: int, prediction_type: str):
+    """A DDIMScheduler whose single step evaluates the UNet at t* and returns its x0-prediction exactly.
+
+    With `timestep_spacing="trailing"` one step is timestep T - 1 (T = num_train_timesteps); its DDIM update
+    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps_hat, with `set_alpha_to_one` (abar_prev = 1),
+    is x0_hat = (z - sigma_t eps_hat) / alpha_t: (G1), and for v-prediction alpha_t z - sigma_t v, the same.
+    For t* < T - 1 the schedule is cut to its first t* + 1 betas (`trained_betas`, T = t* + 1): abar is
+    unchanged at every t <= t*, and the one trailing step is t*. (`steps_offset` is not usable for this:
+    StableDiffusionPipeline resets it to 1 when it loads a folder.)
+    """
+    from diffusers import DDIMScheduler
+
+    base = DDIMScheduler.from_config(teacher_scheduler_config)
+    last = base.config.num_train_timesteps - 1
+    if not 0 < t_star <= last:
+        raise UserError(f"--t-star {t_star} is outside the teacher's timesteps 1..{last}: distill again with "
+                        "a valid t*")
+    overrides = {"timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": False,
+                 "thresholding": False, "steps_offset": 1, "prediction_type": prediction_type}
+    if t_star != last:
+        overrides |= {"num_train_timesteps": t_star + 1, "trained_betas": base.betas[: t_star + 1].tolist(),
+                      "rescale_betas_zero_snr": False}
+    scheduler = DDIMScheduler.from_config(teacher_scheduler_config, **overrides)
+    scheduler.set_timesteps(1)
+    assert int(scheduler.timesteps[0]) == t_star, scheduler.timesteps
+    assert torch.equal(scheduler.alphas_cumprod[t_star], base.alphas_cumprod[t_star])
+    return scheduler
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA state dicts: peft (checkpoint) -> diffusers and kohya keys
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _split_peft_key(key: str) -> tuple[str, str]:
+    """`down_blocks.0.resnets.0.conv1.lora_A.weight` -> (`down_blocks.0.resnets.0.conv1`, `A`)."""
+    module, sep, rest = key.rpartition(".lora_")
+    assert sep and rest in ("A.weight", "B.weight"), f"unexpected generator LoRA key {key}"
+    return module, rest[0]
+
+
+def diffusers_state_dict(peft_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft keys -> the keys diffusers' `load_lora_weights` reads for the UNet (`unet.<module>.lora_A.weight`)."""
+    return {f"unet.{key}": value.contiguous() for key, value in peft_state.items()}
+
+
+def kohya_state_dict(peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """peft keys -> `lora_unet_<module_with_underscores>.lora_down.weight / .lora_up.weight / .alpha`."""
+    out = {}
+    for key, value in peft_state.items():
+        module, which = _split_peft_key(key)
+        name = "lora_unet_" + module.replace(".", "_")
+        out[f"{name}.lora_down.weight" if which == "A" else f"{name}.lora_up.weight"] = value.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def check_kohya_round_trip(kohya: dict[str, torch.Tensor], peft_state: dict[str, torch.Tensor]) -> None:
+    """Refuse a kohya file that diffusers' own kohya reader would map to other modules than ours."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    converted, _ = StableDiffusionPipeline.lora_state_dict(dict(kohya))
+    back = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
+    lost = sorted({_split_peft_key(k)[0] for k in set(peft_state) ^ set(back)})
+    if lost:
+        raise UserError(
+            f"the kohya format cannot express LoRA modules {lost[:4]} (diffusers reads them back as other "
+            "modules): export without kohya (--format lora --format pipeline) or distill without them "
+            "in --target-modules"
+        )
+
+
+def lora_metadata(config: LoraConfig, facts: dict) -> dict[str, str]:
+    """safetensors metadata: diffusers' LoRA config (so rank and alpha load right) and the run's facts."""
+    adapter = {"unet.r": config.r, "unet.lora_alpha": config.lora_alpha,
+               "unet.target_modules": sorted(config.target_modules)}
+    meta = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, indent=2, sort_keys=True)}
+    meta.update({FACTS_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in facts.items()})
+    return meta
+
+
+def kohya_metadata(config: LoraConfig, facts: dict) -> dict[str, str]:
+    """The `ss_` keys kohya-ss writes and AUTOMATIC1111 / ComfyUI show, plus the run's facts."""
+    meta = lora_metadata(config, facts)
+    del meta["lora_adapter_metadata"]
+    meta.update(ss_network_module="networks.lora", ss_network_dim=str(config.r),
+                ss_network_alpha=str(config.lora_alpha), ss_output_name="emd_t2i_generator")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading the run
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _load_config(run_dir: Path) -> DistillConfig:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.json): pass the --output of `emd-t2i distill`")
+    return DistillConfig.load(path)
+
+
+def _find_checkpoint(run_dir: Path, checkpoint: str | Path | int | None) -> Path:
+    if checkpoint is None:
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise UserError(f"run {run_dir} has no checkpoint yet: let `emd-t2i distill` write one first")
+        return found
+    if isinstance(checkpoint, int):
+        candidates = [checkpoint_dir(run_dir, checkpoint)]
+    else:
+        candidates = [Path(checkpoint), run_dir / "checkpoints" / str(checkpoint)]
+    for path in candidates:
+        if (path / f"{GENERATOR}.safetensors").is_file():
+            return path
+    have = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
+    raise UserError(f"checkpoint {checkpoint} not found in {run_dir}: give --checkpoint one of: {have}")
+
+
+def run_facts(cfg: DistillConfig, teacher_source: str, step: int, prediction_type: str) -> dict:
+    """What the exported weights say about themselves (model card, safetensors metadata, emd_t2i.json)."""
+    emd = ("num_langevin_steps", "gamma_eps", "gamma_z", "noise_cancellation", "t_min", "t_max", "weighting",
+           "fake_updates", "iterations", "batch_size", "generator_lr", "fake_lr", "generator_rank",
+           "fake_rank", "target_modules", "mixed_precision", "seed")
+    facts = {"version": __version__, "teacher": cfg.teacher, "teacher_source": teacher_source,
+             "prediction_type": prediction_type, "t_star": cfg.t_star, "guidance_scale": cfg.guidance_scale,
+             "step": step}
+    facts.update({k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items() if k in emd})
+    return facts
+
+
+def _teacher_source(source: str) -> str:
+    """A hub id as is; a local folder as an absolute path, so the export works from any directory."""
+    return str(Path(source).resolve()) if Path(source).is_dir() else source
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_formats(formats) -> tuple[str, ...]:
+    formats = tuple(dict.fromkeys(formats))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise UserError(f"--format must be one or more of {', '.join(FORMATS)} (got {list(formats)})")
+    return formats
+
+
+def _refuse_existing(output: Path, overwrite: bool) -> None:
+    if output.exists() and not overwrite:
+        raise UserError(f"export folder {output} already exists: pass --overwrite to replace it, or --output")
+
+
+def _attach_generator(unet: torch.nn.Module, state: dict, config: LoraConfig, run_dir: Path, teacher: str) -> None:
+    """Add the generator LoRA to the teacher UNet and load the checkpoint's weights (keys must match)."""
+    unet.add_adapter(config, adapter_name=GENERATOR)
+    expected = set(get_peft_model_state_dict(unet, adapter_name=GENERATOR))
+    if expected != set(state):
+        odd = sorted(set(state) ^ expected)
+        raise UserError(
+            f"the generator LoRA of {run_dir} does not fit teacher {teacher} ({len(odd)} keys differ, e.g. "
+            f"{odd[0]}): config.json must name the teacher the run was distilled from"
+        )
+    load_adapter_state_dict(unet, GENERATOR, state)
+
+
+def _write_pipeline(folder: Path, teacher, scheduler) -> None:
+    """Fuse the generator LoRA into the teacher UNet; save every component (no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        teacher.unet.fuse_lora(safe_fusing=True, adapter_names=[GENERATOR])
+    except ValueError as err:  # raised by peft's safe_merge on NaN / inf
+        raise UserError(f"the generator LoRA has NaN or inf weights ({err}): export an earlier --checkpoint") from err
+    teacher.unet.unload_lora()
+    pipe = StableDiffusionPipeline(
+        vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=teacher.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def export_run(
+    run_dir: str | Path,
+    output: str | Path | None = None,
+    formats: tuple[str, ...] = FORMATS,
+    overwrite: bool = False,
+    checkpoint: str | Path | int | None = None,
+) -> Path:
+    """Export the generator of a run's latest (or given) checkpoint into `output` (default run_dir/export).
+
+    Written into a hidden sibling folder and renamed into place, so `output` is either complete or absent.
+    """
+    run_dir = Path(run_dir)
+    formats = _check_formats(formats)
+    output = Path(output) if output is not None else run_dir / "export"
+    _refuse_existing(output, overwrite)
+    cfg = _load_config(run_dir)
+    ckpt = _find_checkpoint(run_dir, checkpoint)
+    state = load_file(str(ckpt / f"{GENERATOR}.safetensors"))
+    teacher = load_teacher(cfg.teacher, load_vae="pipeline" in formats)
+    config = lora_config(cfg.generator_rank, cfg.target_modules)
+    _attach_generator(teacher.unet, state, config, run_dir, cfg.teacher)
+    facts = run_facts(cfg, _teacher_source(teacher.source), checkpoint_step(ckpt), teacher.prediction_type)
+    scheduler = one_step_scheduler(dict(teacher.scheduler.config), cfg.t_star, teacher.prediction_type)
+
+    tmp = output.with_name(f".tmp-{output.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        scheduler.save_pretrained(tmp / SCHEDULER_DIR)
+        if "lora" in formats:
+            save_file(diffusers_state_dict(state), str(tmp / LORA_FILE), metadata=lora_metadata(config, facts))
+        if "kohya" in formats:
+            kohya = kohya_state_dict(state, config.lora_alpha)
+            check_kohya_round_trip(kohya, state)
+            save_file(kohya, str(tmp / KOHYA_FILE), metadata=kohya_metadata(config, facts))
+        if "pipeline" in formats:
+            _write_pipeline(tmp / PIPELINE_DIR, teacher, scheduler)
+        (tmp / FACTS_FILE).write_text(json.dumps({**facts, "formats": list(formats)}, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(facts, formats, output, _read_eval(run_dir)))
+        _publish(tmp, output, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+def _publish(tmp: Path, output: Path, overwrite: bool) -> None:
+    """Rename the finished folder into place; an old export is moved aside first and deleted after."""
+    if not output.exists():
+        tmp.rename(output)
+        return
+    _refuse_existing(output, overwrite)  # someone else may have exported meanwhile
+    old = output.with_name(f".old-{output.name}-{os.getpid()}")
+    output.rename(old)
+    tmp.rename(output)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model card
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _read_eval(run_dir: Path) -> dict | None:
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}): fix or delete it, then export again") from err
+
+
+def _rows(pairs) -> str:
+    return "\n".join(f"| {k} | {v} |" for k, v in pairs)
+
+
+def _eval_section(evaluation: dict | None) -> str:
+    if evaluation is None:
+        return "No evaluation yet: run `emd-t2i eval` on this export and export again to list its numbers here."
+    flat = []
+    for key, value in evaluation.items():
+        items = value.items() if isinstance(value, dict) else [("", value)]
+        flat += [(f"{key}.{k}" if k else key, v) for k, v in items]
+    return "From `eval.json` of the run:\n\n| metric | value |\n|---|---|\n" + _rows(flat)
+
+
+def model_card(facts: dict, formats: tuple[str, ...], output: Path, evaluation: dict | None) -> str:
+    """README.md of an export: the teacher, how it was distilled, how to load it, and its evaluation."""
+    snippets = loading_snippets(output.as_posix(), facts["teacher_source"])
+    entry = TEACHERS.get(facts["teacher"])
+    hyper = [(k, facts[k]) for k in facts if k not in ("version", "teacher", "teacher_source", "step")]
+    files = {"lora": f"`{LORA_FILE}`: diffusers LoRA (load with `load_lora_weights`)",
+             "pipeline": f"`{PIPELINE_DIR}/`: a complete diffusers pipeline, LoRA fused, one-step scheduler",
+             "kohya": f"`{KOHYA_FILE}`: the same LoRA with kohya keys (AUTOMATIC1111, ComfyUI)"}
+    parts = [
+        f"# One-step generator distilled from {facts['teacher']} with EM Distillation\n",
+        f"Made by emd-t2i {facts['version']} from step {facts['step']} of the run. Teacher: "
+        f"`{facts['teacher_source']}`" + (f" ({entry.description}; licence: {entry.licence})." if entry else "."),
+        ("\nOne UNet call makes an image: g(z, c) = (z - sigma_t* eps(z, t*, c)) / alpha_t*, with "
+         "classifier-free guidance distilled in (so sample with guidance 0 or 1).\n"),
+        "## Files\n", "\n".join(f"- {files[f]}" for f in formats),
+        f"- `{SCHEDULER_DIR}/`: the one-step DDIM scheduler (its single step is t* = {facts['t_star']})",
+        f"- `{FACTS_FILE}`: the facts below, as JSON (also in the safetensors metadata, keys `{FACTS_PREFIX}*`)\n",
+        "## How it was distilled\n", "| setting | value |\n|---|---|\n" + _rows(hyper) + "\n",
+        "## Loading it with diffusers\n",
+    ]
+    if "pipeline" in formats:
+        parts += ["The pipeline folder:\n", f"```python\n{snippets['pipeline']}```\n"]
+    if "lora" in formats:
+        parts += ["The teacher plus the LoRA:\n", f"```python\n{snippets['lora']}```\n"]
+    if "kohya" in formats:
+        parts += [(f"AUTOMATIC1111 / ComfyUI: put `{KOHYA_FILE}` in the LoRA folder, use weight 1.0, 1 step, "
+                   "CFG 1, and a sampler whose single step starts at the last timestep (untested here; the "
+                   "diffusers code above is the reference).\n")]
+    parts += ["## Evaluation\n", _eval_section(evaluation) + "\n"]
+    return "\n".join(parts)

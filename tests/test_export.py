@@ -1,0 +1,269 @@
+"""Export: the LoRA, pipeline and kohya files load in plain diffusers and give the generator's (G1) images."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from emd_t2i.checkpoint import save_checkpoint
+from emd_t2i.config import DEFAULT_TARGET_MODULES, DistillConfig
+from emd_t2i.errors import UserError
+from emd_t2i.export import (
+    EXAMPLE_PROMPT,
+    FACTS_FILE,
+    FACTS_PREFIX,
+    KOHYA_FILE,
+    LORA_FILE,
+    PIPELINE_DIR,
+    export_run,
+    loading_snippets,
+)
+from emd_t2i.roles import FAKE_SCORE, GENERATOR, Roles, adapter_state_dict, add_roles, load_adapter_state_dict
+from emd_t2i.sample import initial_noise, sample
+from emd_t2i.teachers import load_teacher
+
+RANK = 4
+GUIDANCE = 2.0
+# fp32 on CPU: fused weights and diffusers' DDIM arithmetic change eps by ~1e-6, and x0 = (z - sigma eps) / alpha
+# multiplies that by sigma / alpha (~15 at t* = 999), so latents (|x0| up to ~30) agree to ~2e-5.
+LATENT_ATOL = 1e-4
+PIXEL_ATOL = 1  # uint8 levels: diffusers maps [-1, 1] to pixels as (x / 2 + 0.5) * 255, we as (x + 1) * 127.5
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "EXPORT.md"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A distilled tiny model: the tiny teacher, its LoRA roles with random non-zero weights, a run folder
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _random_roles(teacher_dir: Path, seed: int):
+    teacher = load_teacher(str(teacher_dir), load_vae=False)
+    add_roles(teacher.unet, RANK, RANK, DEFAULT_TARGET_MODULES)
+    rng = torch.Generator().manual_seed(seed)
+    for name, param in teacher.unet.named_parameters():
+        if "lora_" in name:  # B = 0 at init would hide every export bug: make both factors non-zero
+            param.data = 0.1 * torch.randn(param.shape, generator=rng)
+    return teacher
+
+
+def make_run(root: Path, teacher_dir: Path, *, t_star: int = 999, seed: int = 0) -> Path:
+    """A run folder in the checkpoint layout whose generator LoRA is random and non-zero."""
+    teacher = _random_roles(teacher_dir, seed)
+    run = root / "run"
+    run.mkdir(parents=True)
+    cfg = DistillConfig(teacher=str(teacher_dir), output=str(run), t_star=t_star, guidance_scale=GUIDANCE,
+                        generator_rank=RANK, fake_rank=RANK, iterations=20)
+    cfg.save(run / "config.json")
+    adapters = {GENERATOR: adapter_state_dict(teacher.unet, GENERATOR),
+                FAKE_SCORE: adapter_state_dict(teacher.unet, FAKE_SCORE)}
+    save_checkpoint(run, 10, adapters, {"step": 10}, keep=2)
+    return run
+
+
+def generator_latents(run: Path, prompts: list[str], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G1) as training computes it: the teacher UNet + the checkpoint's adapter, through Roles.generator;
+    and the same with the adapter's weights zeroed (the bare teacher's x0-prediction at t*)."""
+    from diffusers import StableDiffusionPipeline
+
+    cfg = DistillConfig.load(run / "config.json")
+    teacher = load_teacher(cfg.teacher, load_vae=False)
+    add_roles(teacher.unet, RANK, RANK, cfg.target_modules)
+    state = load_file(str(run / "checkpoints" / "step-000010" / f"{GENERATOR}.safetensors"))
+    load_adapter_state_dict(teacher.unet, GENERATOR, state)
+    pipe = StableDiffusionPipeline(teacher.vae, teacher.text_encoder, teacher.tokenizer, teacher.unet,
+                                   teacher.scheduler, None, None, requires_safety_checker=False)
+    with torch.no_grad():
+        cond, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
+        z = initial_noise((len(prompts), 4, teacher.latent_size, teacher.latent_size), seed, "cpu", cond.dtype)
+        roles = Roles(teacher.unet, teacher.alphas_cumprod, teacher.prediction_type, cfg.t_star)
+        with_lora = roles.generator(z, cond)
+        load_adapter_state_dict(teacher.unet, GENERATOR, {k: torch.zeros_like(v) for k, v in state.items()})
+        return with_lora, roles.generator(z, cond)
+
+
+@pytest.fixture(scope="module")
+def eps_export(tmp_path_factory, tiny_teacher_dir):
+    """(run, export) for an epsilon teacher at t* = 999, every format."""
+    run = make_run(tmp_path_factory.mktemp("eps"), tiny_teacher_dir, t_star=999)
+    return run, export_run(run)
+
+
+@pytest.fixture(scope="module")
+def vpred_export(tmp_path_factory, tiny_vpred_teacher_dir):
+    """(run, export) for a v-prediction teacher at t* = 500 (the cut schedule of `one_step_scheduler`)."""
+    run = make_run(tmp_path_factory.mktemp("vpred"), tiny_vpred_teacher_dir, t_star=500, seed=1)
+    return run, export_run(run)
+
+
+@pytest.fixture(params=["eps_export", "vpred_export"])
+def exported(request):
+    return request.getfixturevalue(request.param)
+
+
+@functools.lru_cache(maxsize=4)
+def example_sample(export: Path):
+    """sample() of the card's prompt and seed, once per export (loading a pipeline is the slow part)."""
+    return sample(EXAMPLE_PROMPT, model=export, seed=0)
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, tiny_teacher_dir):
+    """A run folder not yet exported; tests copy it (`_copy_run`) and export the copy."""
+    return make_run(tmp_path_factory.mktemp("plain"), tiny_teacher_dir)
+
+
+def _copy_run(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def _python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.DOTALL)
+
+
+def _run_card_snippet(code: str, cwd: Path, monkeypatch) -> dict:
+    monkeypatch.chdir(cwd)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the point: run the card's own code
+    return namespace
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plain diffusers reproduces emd_t2i.sample, which reproduces (G1) of the training code
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_sample_is_the_generator_of_training(exported):
+    run, export = exported
+    reference, without_lora = generator_latents(run, [EXAMPLE_PROMPT], seed=0)
+    torch.testing.assert_close(example_sample(export).latents, reference, atol=LATENT_ATOL, rtol=0)
+    assert (without_lora - reference).abs().max() > 1000 * LATENT_ATOL  # so a lost LoRA would show
+
+
+@pytest.mark.parametrize("which", ["pipeline", "lora"])
+def test_card_snippets_reproduce_sample(exported, which, tmp_path, monkeypatch):
+    """The model card's code, run as is (plain diffusers, nothing from emd_t2i), gives sample()'s image."""
+    _, export = exported
+    blocks = _python_blocks((export / "README.md").read_text())
+    snippets = loading_snippets(export.as_posix(), json.loads((export / FACTS_FILE).read_text())["teacher_source"])
+    assert blocks == [snippets["pipeline"], snippets["lora"]]
+    namespace = _run_card_snippet(snippets[which], tmp_path, monkeypatch)
+    ours = example_sample(export)
+    diff = np.abs(np.asarray(namespace["image"], dtype=int) - np.asarray(ours.images[0], dtype=int))
+    assert diff.max() <= PIXEL_ATOL
+    latents = namespace["pipe"](EXAMPLE_PROMPT, num_inference_steps=1, guidance_scale=0.0, output_type="latent",
+                                generator=torch.Generator("cpu").manual_seed(0)).images
+    torch.testing.assert_close(latents.float(), ours.latents, atol=LATENT_ATOL, rtol=0)
+    assert (tmp_path / "sample.png").is_file()
+
+
+def test_batches_and_images_per_prompt_match_diffusers(eps_export):
+    _, export = eps_export
+    from diffusers import StableDiffusionPipeline
+
+    prompts = ["a red circle", "a green triangle"]
+    ours = sample(prompts, model=export, seed=7, num_images=2, batch_size=3)
+    pipe = StableDiffusionPipeline.from_pretrained(export / PIPELINE_DIR)
+    latents = pipe(prompts, num_inference_steps=1, guidance_scale=0.0, num_images_per_prompt=2,
+                   output_type="latent", generator=torch.Generator("cpu").manual_seed(7)).images
+    torch.testing.assert_close(latents, ours.latents, atol=LATENT_ATOL, rtol=0)
+    assert ours.prompts == ["a red circle"] * 2 + ["a green triangle"] * 2
+
+
+def test_kohya_file_loads_in_diffusers_as_the_same_lora(eps_export):
+    run, export = eps_export
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(DistillConfig.load(run / "config.json").teacher)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for name, weight_name in (("diffusers", LORA_FILE), ("kohya", KOHYA_FILE)):
+        pipe.load_lora_weights(export, weight_name=weight_name, adapter_name=name)
+        pipe.set_adapters(name)
+        with torch.no_grad():
+            outputs.append(pipe.unet(z, torch.tensor([999, 500]), encoder_hidden_states=cond).sample)
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-6, rtol=0)
+    pipe.unet.disable_lora()
+    with torch.no_grad():
+        bare = pipe.unet(z, torch.tensor([999, 500]), encoder_hidden_states=cond).sample
+    assert (bare - outputs[0]).abs().max() > 1e-3  # the LoRA is really on in both
+    keys = set(load_file(str(export / KOHYA_FILE)))
+    for module in ("resnets_0_conv1", "resnets_0_conv2", "resnets_0_conv_shortcut", "resnets_0_time_emb_proj",
+                   "attentions_0_proj_in", "attentions_0_proj_out", "ff_net_0_proj", "ff_net_2", "attn2_to_out_0"):
+        assert any(module + ".lora_down.weight" in k for k in keys), module
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+               for k in keys)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metadata, model card, docs, refusals
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_metadata_describes_the_run(exported):
+    run, export = exported
+    cfg = DistillConfig.load(run / "config.json")
+    with safe_open(str(export / LORA_FILE), "pt") as f:
+        meta = f.metadata()
+    assert all(k.startswith("unet.") and ".lora_" in k for k in load_file(str(export / LORA_FILE)))
+    assert json.loads(meta["lora_adapter_metadata"])["unet.r"] == RANK
+    assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == RANK
+    assert meta["emd_t2i.teacher"] == cfg.teacher
+    assert json.loads(meta["emd_t2i.t_star"]) == cfg.t_star
+    assert json.loads(meta["emd_t2i.guidance_scale"]) == GUIDANCE
+    assert json.loads(meta["emd_t2i.step"]) == 10
+    for key in ("version", "num_langevin_steps", "gamma_eps", "gamma_z", "iterations"):
+        assert FACTS_PREFIX + key in meta
+    with safe_open(str(export / KOHYA_FILE), "pt") as f:
+        assert f.metadata()["ss_network_dim"] == str(RANK)
+    facts = json.loads((export / FACTS_FILE).read_text())
+    assert facts["t_star"] == cfg.t_star and facts["formats"] == ["lora", "pipeline", "kohya"]
+    assert not (export / PIPELINE_DIR / "safety_checker").exists()
+    assert list((export / PIPELINE_DIR / "unet").glob("*.safetensors"))
+
+
+def test_docs_show_the_card_snippets():
+    """docs/EXPORT.md shows the same code the card carries (and the test above runs)."""
+    text = DOCS.read_text()
+    for snippet in loading_snippets("runs/emd/export", "stable-diffusion-v1-5/stable-diffusion-v1-5").values():
+        assert snippet in text
+
+
+def test_eval_json_goes_into_the_card(plain_run, tmp_path):
+    run = _copy_run(plain_run, tmp_path)
+    (run / "eval.json").write_text(json.dumps({"fid": 12.5, "clip_score": {"mean": 0.31}}))
+    export = export_run(run, formats=("lora",))
+    card = (export / "README.md").read_text()
+    assert "| fid | 12.5 |" in card and "| clip_score.mean | 0.31 |" in card
+    assert not (export / PIPELINE_DIR).exists() and not (export / KOHYA_FILE).exists()
+
+
+def test_existing_export_is_refused_unless_overwrite(plain_run, tmp_path):
+    run = _copy_run(plain_run, tmp_path)
+    export = export_run(run, formats=("lora",))
+    with pytest.raises(UserError, match="--overwrite"):
+        export_run(run, formats=("lora",))
+    (export / "marker").write_text("old")
+    assert export_run(run, formats=("kohya",), overwrite=True) == export
+    assert not (export / "marker").exists() and (export / KOHYA_FILE).is_file()
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+
+
+def test_user_errors(plain_run, tmp_path):
+    with pytest.raises(UserError, match="config.json"):
+        export_run(tmp_path)
+    run = _copy_run(plain_run, tmp_path)
+    with pytest.raises(UserError, match="--format"):
+        export_run(run, formats=("onnx",))
+    with pytest.raises(UserError, match="step-000010"):
+        export_run(run, checkpoint=5)
+    assert export_run(run, output=tmp_path / "out", formats=("lora",), checkpoint="step-000010").is_dir()
