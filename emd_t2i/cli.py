@@ -114,6 +114,8 @@ def distill(
         run_dir = run_distill(cfg, overwrite=overwrite)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except FloatingPointError as err:  # persistent NaN/inf: the run saved a checkpoint and stopped cleanly
+        raise fail(str(err), code=1) from None
     if not no_export:
         from .export import export_run
 

@@ -165,19 +165,42 @@ def validation_grid(run: Run, cache: EmbeddingCache, prompts: list[str], teacher
     return grid
 
 
+def average_gradients(accelerator, params) -> None:
+    """All-reduce (mean) LoRA gradients across processes. The UNet is not wrapped in DDP: its forwards use a
+    different parameter subset per role and several forwards precede one backward, which DDP's reducer does
+    not allow; one explicit all-reduce per optimizer step is equivalent and simpler."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    assert len(grads) == len(params), "every LoRA weight of the role being trained must have a gradient"
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def clip_and_step(accelerator, optimizer, params, max_norm: float) -> float:
-    norm = accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-    optimizer.step()
+    """Average, clip and step; a non-finite gradient norm (the same on every rank) skips the step."""
+    average_gradients(accelerator, params)
+    norm = float(accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+    if math.isfinite(norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
 
 
 # ---------------------------------------------------------------- the loop
 def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None = None) -> Path:
     """Run (or resume) EMD distillation. `stop_after` ends early after that many iterations in this call
     (checkpointing first), as a crash or Ctrl-C would; running again continues."""
-    run_dir = prepare_run_dir(cfg, overwrite)
+    run_dir = Path(cfg.output)
     accelerator = make_accelerator(cfg, run_dir)
+    if accelerator.is_main_process:
+        prepare_run_dir(cfg, overwrite)
+    accelerator.wait_for_everyone()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
     # Teacher, one UNet in three roles, optimizers.
@@ -234,9 +257,7 @@ def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None 
                 stats["loss_generator"] += g.loss.item() / cfg.grad_accum
                 stats["weight"] += g.weight_mean / cfg.grad_accum
                 stats["eps_tilde_rms"] += g.eps_tilde_rms / cfg.grad_accum
-            finite = math.isfinite(stats["loss_generator"])
-            stats["grad_norm_generator"] = clip_and_step(accelerator, opt_g, gen_params, cfg.max_grad_norm) \
-                if finite else float("nan")
+            stats["grad_norm_generator"] = clip_and_step(accelerator, opt_g, gen_params, cfg.max_grad_norm)
 
             # ---- fake-score updates (F1): the first on g(z_0) from the E-step, further ones on fresh samples
             for update in range(cfg.fake_updates):
@@ -249,17 +270,14 @@ def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None 
                         loss_f = fake_score_step(fake_eps, x0, t, teacher.alphas_cumprod, rng)
                     accelerator.backward(loss_f / (cfg.grad_accum * cfg.fake_updates))
                     stats["loss_fake"] += loss_f.item() / (cfg.grad_accum * cfg.fake_updates)
-                finite = finite and math.isfinite(stats["loss_fake"])
-                stats["grad_norm_fake"] = clip_and_step(accelerator, opt_f, fake_params, cfg.max_grad_norm) \
-                    if finite else float("nan")
+                stats["grad_norm_fake"] = clip_and_step(accelerator, opt_f, fake_params, cfg.max_grad_norm)
             roles.activate(None)
 
-            # ---- no NaN is hidden: count, skip, stop cleanly when it persists
-            if not finite:
-                opt_g.zero_grad(set_to_none=True)
-                opt_f.zero_grad(set_to_none=True)
+            # ---- no NaN is hidden: non-finite steps were skipped above; count them, stop when they persist
+            if not all(math.isfinite(stats[k]) for k in ("grad_norm_generator", "grad_norm_fake")):
                 run.bad_steps += 1
                 if run.bad_steps >= MAX_BAD_STEPS:
+                    save(run, run_dir, cfg, accelerator)
                     raise FloatingPointError(f"{MAX_BAD_STEPS} non-finite losses in a row at iteration {run.step}; "
                                              "lower the learning rates or use bf16 instead of fp16")
             else:
