@@ -59,7 +59,7 @@ def opt(name: str, panel: str):
 RUN, EMD, OPTIM, WATCH = "Run", "EMD (docs/ALGORITHM.md)", "Optimisation", "Watching and saving"
 
 
-@app.command(epilog="Example: emd-t2i distill --teacher sd-1.5 --prompts prompts/general.txt --output runs/sd15")
+@app.command(epilog="Example: emd-t2i distill --teacher sd-1.5 --prompts general --output runs/sd15")
 @user_errors
 def distill(
     teacher: Annotated[str | None, opt("teacher", RUN)] = None,

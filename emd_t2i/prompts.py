@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -18,7 +19,17 @@ TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
 CSV_SUFFIXES = (".csv", ".tsv")
 # The list that ships with the repository (a checkout; it is not package data).
-GENERAL_PROMPTS = Path(__file__).resolve().parents[1] / "prompts" / "general.txt"
+# Prompt lists that ship with the tool: `prompts/NAME.txt` in a checkout, installed to share/emd-t2i/prompts.
+BUNDLED_DIRS = (Path(__file__).resolve().parents[1] / "prompts", Path(sys.prefix) / "share" / "emd-t2i" / "prompts")
+GENERAL_PROMPTS = BUNDLED_DIRS[0] / "general.txt"
+
+
+def bundled_prompt_file(name: str) -> Path | None:
+    """The shipped list called `name` (e.g. `general`), wherever this install keeps it."""
+    for folder in BUNDLED_DIRS:
+        if (folder / f"{name}.txt").is_file():
+            return folder / f"{name}.txt"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -31,13 +42,15 @@ def load_prompts(
 ) -> list[str]:
     """Prompts from a source; whitespace is collapsed and empty prompts are skipped.
 
-    source: `file.txt` (one prompt a line), `file.jsonl` / `file.csv` / `file.tsv` (the `column`, by default
+    source: a bundled list by name (`general`), `file.txt` (one prompt a line), `file.jsonl` / `file.csv` / `file.tsv` (the `column`, by default
     the first of prompt/text/caption present), a folder (every line of every *.txt in it, sorted by file
     name: a file holding one caption and a file holding a list both work), or `hf:owner/name` (a Hugging
     Face dataset's `split` and `column`; needs `pip install datasets`). `limit` keeps the first N.
     """
     if limit is not None and limit < 1:
         raise UserError(f"the prompt limit must be >= 1 (got {limit})")
+    if not Path(source).exists() and (bundled := bundled_prompt_file(source)) is not None:
+        source = str(bundled)
     if source.startswith("hf:"):
         prompts = _from_hf(source[3:], column, split, limit)
     else:

@@ -221,3 +221,10 @@ def test_cache_keeps_encoder_dtype_on_cpu(tokenizer, text_encoder):
     out = cache.get(["a cat"], device="cpu")
     assert out.dtype == torch.bfloat16
     assert all(e.device.type == "cpu" and e.dtype == torch.bfloat16 for e in cache._store.values())
+
+
+def test_a_bundled_list_loads_by_name():
+    from emd_t2i.prompts import load_prompts
+
+    prompts = load_prompts("general")
+    assert len(prompts) >= 300 and len(set(prompts)) == len(prompts)
