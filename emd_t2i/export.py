@@ -1,7 +1,8 @@
-"""Export a run's generator: diffusers LoRA, a one-step diffusers pipeline folder, a kohya LoRA, a model card."""
+"""Export a run's generator: diffusers LoRA, one-step diffusers pipeline folder, kohya LoRA, model card."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -79,6 +80,8 @@ def one_step_scheduler(teacher_scheduler_config: dict, t_star: int, prediction_t
     """
     from diffusers import DDIMScheduler
 
+    accepted = inspect.signature(DDIMScheduler.__init__).parameters  # drop e.g. PNDM's skip_prk_steps
+    teacher_scheduler_config = {k: v for k, v in teacher_scheduler_config.items() if k in accepted}
     base = DDIMScheduler.from_config(teacher_scheduler_config)
     last = base.config.num_train_timesteps - 1
     if not 0 < t_star <= last:
@@ -109,7 +112,7 @@ def _split_peft_key(key: str) -> tuple[str, str]:
 
 
 def diffusers_state_dict(peft_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """peft keys -> the keys diffusers' `load_lora_weights` reads for the UNet (`unet.<module>.lora_A.weight`)."""
+    """peft keys -> the UNet keys diffusers' `load_lora_weights` reads: `unet.<module>.lora_A.weight`."""
     return {f"unet.{key}": value.contiguous() for key, value in peft_state.items()}
 
 
@@ -166,7 +169,8 @@ def kohya_metadata(config: LoraConfig, facts: dict) -> dict[str, str]:
 def _load_config(run_dir: Path) -> DistillConfig:
     path = run_dir / "config.json"
     if not path.is_file():
-        raise UserError(f"{run_dir} is not a run folder (no config.json): pass the --output of `emd-t2i distill`")
+        raise UserError(f"{run_dir} is not a run folder (no config.json): pass the --output of "
+                        "`emd-t2i distill`")
     return DistillConfig.load(path)
 
 
@@ -222,7 +226,7 @@ def _refuse_existing(output: Path, overwrite: bool) -> None:
         raise UserError(f"export folder {output} already exists: pass --overwrite to replace it, or --output")
 
 
-def _attach_generator(unet: torch.nn.Module, state: dict, config: LoraConfig, run_dir: Path, teacher: str) -> None:
+def _attach_generator(unet: torch.nn.Module, state: dict, config: LoraConfig, run_dir: Path, teacher: str):
     """Add the generator LoRA to the teacher UNet and load the checkpoint's weights (keys must match)."""
     unet.add_adapter(config, adapter_name=GENERATOR)
     expected = set(get_peft_model_state_dict(unet, adapter_name=GENERATOR))
@@ -242,7 +246,8 @@ def _write_pipeline(folder: Path, teacher, scheduler) -> None:
     try:
         teacher.unet.fuse_lora(safe_fusing=True, adapter_names=[GENERATOR])
     except ValueError as err:  # raised by peft's safe_merge on NaN / inf
-        raise UserError(f"the generator LoRA has NaN or inf weights ({err}): export an earlier --checkpoint") from err
+        raise UserError(f"the generator LoRA has NaN or inf weights ({err}): export an earlier "
+                        "--checkpoint") from err
     teacher.unet.unload_lora()
     pipe = StableDiffusionPipeline(
         vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=teacher.unet,
@@ -281,7 +286,8 @@ def export_run(
     try:
         scheduler.save_pretrained(tmp / SCHEDULER_DIR)
         if "lora" in formats:
-            save_file(diffusers_state_dict(state), str(tmp / LORA_FILE), metadata=lora_metadata(config, facts))
+            meta = lora_metadata(config, facts)
+            save_file(diffusers_state_dict(state), str(tmp / LORA_FILE), metadata=meta)
         if "kohya" in formats:
             kohya = kohya_state_dict(state, config.lora_alpha)
             check_kohya_round_trip(kohya, state)
@@ -329,12 +335,19 @@ def _rows(pairs) -> str:
 
 def _eval_section(evaluation: dict | None) -> str:
     if evaluation is None:
-        return "No evaluation yet: run `emd-t2i eval` on this export and export again to list its numbers here."
+        return "No evaluation yet: run `emd-t2i eval` on this export, then export again to list the numbers."
     flat = []
     for key, value in evaluation.items():
         items = value.items() if isinstance(value, dict) else [("", value)]
         flat += [(f"{key}.{k}" if k else key, v) for k, v in items]
     return "From `eval.json` of the run:\n\n| metric | value |\n|---|---|\n" + _rows(flat)
+
+
+def _front_matter(teacher_source: str) -> str:
+    """The YAML header the Hugging Face hub reads (base_model only for a hub teacher, not a local folder)."""
+    base = "" if Path(teacher_source).is_absolute() else f"base_model: {teacher_source}\n"
+    return (f"---\nlibrary_name: diffusers\n{base}pipeline_tag: text-to-image\n"
+            "tags: [text-to-image, stable-diffusion, lora, one-step, emd-t2i]\n---\n")
 
 
 def model_card(facts: dict, formats: tuple[str, ...], output: Path, evaluation: dict | None) -> str:
@@ -346,14 +359,16 @@ def model_card(facts: dict, formats: tuple[str, ...], output: Path, evaluation: 
              "pipeline": f"`{PIPELINE_DIR}/`: a complete diffusers pipeline, LoRA fused, one-step scheduler",
              "kohya": f"`{KOHYA_FILE}`: the same LoRA with kohya keys (AUTOMATIC1111, ComfyUI)"}
     parts = [
+        _front_matter(facts["teacher_source"]),
         f"# One-step generator distilled from {facts['teacher']} with EM Distillation\n",
         f"Made by emd-t2i {facts['version']} from step {facts['step']} of the run. Teacher: "
-        f"`{facts['teacher_source']}`" + (f" ({entry.description}; licence: {entry.licence})." if entry else "."),
+        f"`{facts['teacher_source']}`" + (f" ({entry.description}; licence: {entry.licence})." if entry
+                                          else "."),
         ("\nOne UNet call makes an image: g(z, c) = (z - sigma_t* eps(z, t*, c)) / alpha_t*, with "
          "classifier-free guidance distilled in (so sample with guidance 0 or 1).\n"),
         "## Files\n", "\n".join(f"- {files[f]}" for f in formats),
         f"- `{SCHEDULER_DIR}/`: the one-step DDIM scheduler (its single step is t* = {facts['t_star']})",
-        f"- `{FACTS_FILE}`: the facts below, as JSON (also in the safetensors metadata, keys `{FACTS_PREFIX}*`)\n",
+        f"- `{FACTS_FILE}`: the facts below as JSON (also in the safetensors metadata: `{FACTS_PREFIX}*`)\n",
         "## How it was distilled\n", "| setting | value |\n|---|---|\n" + _rows(hyper) + "\n",
         "## Loading it with diffusers\n",
     ]

@@ -160,13 +160,17 @@ def sample(
     z = initial_noise((len(cond), student.latent_channels, student.latent_size, student.latent_size),
                       seed, device, cond.dtype)
     roles = Roles(student.unet, student.alphas_cumprod, student.prediction_type, t_star)
-    x0 = torch.cat([roles.generator(z_b, c_b) for z_b, c_b in zip(z.split(batch_size), cond.split(batch_size))])
-    images = [im for x_b in x0.split(batch_size) for im in to_pil(decode_latents(student.vae, x_b, student.scaling_factor))]
+    latents, images = [], []
+    for z_b, cond_b in zip(z.split(batch_size), cond.split(batch_size)):
+        latents.append(roles.generator(z_b, cond_b))  # (G1): one UNet call per image
+        images += to_pil(decode_latents(student.vae, latents[-1], student.scaling_factor))
+    latents = torch.cat(latents).float().cpu()
     expanded = [p for p in prompts for _ in range(num_images)]
     teacher_images = None
     if teacher_steps:
-        teacher_images = _teacher_images(root, expanded, z, teacher_steps, guidance_scale, device, dtype, batch_size)
-    return Samples(expanded, images, x0.float().cpu(), teacher_images, seed, num_images, teacher_steps, root)
+        teacher_images = _teacher_images(root, expanded, z, teacher_steps, guidance_scale, device, dtype,
+                                         batch_size)
+    return Samples(expanded, images, latents, teacher_images, seed, num_images, teacher_steps, root)
 
 
 def _teacher_images(root: Path, prompts: list[str], z: Tensor, steps: int, guidance_scale: float | None,
@@ -176,8 +180,8 @@ def _teacher_images(root: Path, prompts: list[str], z: Tensor, steps: int, guida
 
     facts = load_facts(root)
     if facts is None:
-        raise UserError(f"{root} has no {FACTS_FILE} naming the teacher: pass --model the export folder "
-                        "(not its pipeline/ subfolder) to render teacher images")
+        raise UserError(f"{root} has no {FACTS_FILE} naming the teacher: pass --model a folder written by "
+                        "`emd-t2i export` to render teacher images")
     teacher = load_teacher(facts["teacher_source"], dtype=dtype, device=device)
     # clip_sample=False: StableDiffusionPipeline forces it for DDIM anyway (SD's configs leave it unset)
     pipe = _as_pipeline(teacher, DDIMScheduler.from_config(teacher.scheduler.config, clip_sample=False))
@@ -212,7 +216,8 @@ def save_samples(samples: Samples, out_dir: str | Path) -> list[Path]:
     paths = []
     for i, (prompt, image) in enumerate(zip(samples.prompts, samples.images)):
         info = PngInfo()
-        for key, value in (("prompt", prompt), ("seed", samples.seed), ("index", i), ("model", samples.model)):
+        text = {"prompt": prompt, "seed": samples.seed, "index": i, "model": samples.model}
+        for key, value in text.items():
             info.add_text(key, str(value))
         stem = f"{i:04d}-{_slug(prompt)}"
         paths.append(_save(image, out_dir / f"{stem}.png", info))

@@ -33,8 +33,8 @@ from emd_t2i.teachers import load_teacher
 
 RANK = 4
 GUIDANCE = 2.0
-# fp32 on CPU: fused weights and diffusers' DDIM arithmetic change eps by ~1e-6, and x0 = (z - sigma eps) / alpha
-# multiplies that by sigma / alpha (~15 at t* = 999), so latents (|x0| up to ~30) agree to ~2e-5.
+# fp32 on CPU: fused weights and diffusers' DDIM arithmetic change eps by ~1e-6, and
+# x0 = (z - sigma eps) / alpha multiplies that by sigma / alpha (~15 at t* = 999): latents agree to ~2e-5.
 LATENT_ATOL = 1e-4
 PIXEL_ATOL = 1  # uint8 levels: diffusers maps [-1, 1] to pixels as (x / 2 + 0.5) * 255, we as (x + 1) * 127.5
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "EXPORT.md"
@@ -83,7 +83,8 @@ def generator_latents(run: Path, prompts: list[str], seed: int) -> tuple[torch.T
                                    teacher.scheduler, None, None, requires_safety_checker=False)
     with torch.no_grad():
         cond, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
-        z = initial_noise((len(prompts), 4, teacher.latent_size, teacher.latent_size), seed, "cpu", cond.dtype)
+        size = teacher.latent_size
+        z = initial_noise((len(prompts), 4, size, size), seed, "cpu", cond.dtype)
         roles = Roles(teacher.unet, teacher.alphas_cumprod, teacher.prediction_type, cfg.t_star)
         with_lora = roles.generator(z, cond)
         load_adapter_state_dict(teacher.unet, GENERATOR, {k: torch.zeros_like(v) for k, v in state.items()})
@@ -153,14 +154,15 @@ def test_card_snippets_reproduce_sample(exported, which, tmp_path, monkeypatch):
     """The model card's code, run as is (plain diffusers, nothing from emd_t2i), gives sample()'s image."""
     _, export = exported
     blocks = _python_blocks((export / "README.md").read_text())
-    snippets = loading_snippets(export.as_posix(), json.loads((export / FACTS_FILE).read_text())["teacher_source"])
+    teacher_source = json.loads((export / FACTS_FILE).read_text())["teacher_source"]
+    snippets = loading_snippets(export.as_posix(), teacher_source)
     assert blocks == [snippets["pipeline"], snippets["lora"]]
     namespace = _run_card_snippet(snippets[which], tmp_path, monkeypatch)
     ours = example_sample(export)
     diff = np.abs(np.asarray(namespace["image"], dtype=int) - np.asarray(ours.images[0], dtype=int))
     assert diff.max() <= PIXEL_ATOL
-    latents = namespace["pipe"](EXAMPLE_PROMPT, num_inference_steps=1, guidance_scale=0.0, output_type="latent",
-                                generator=torch.Generator("cpu").manual_seed(0)).images
+    latents = namespace["pipe"](EXAMPLE_PROMPT, num_inference_steps=1, guidance_scale=0.0,
+                                output_type="latent", generator=torch.Generator("cpu").manual_seed(0)).images
     torch.testing.assert_close(latents.float(), ours.latents, atol=LATENT_ATOL, rtol=0)
     assert (tmp_path / "sample.png").is_file()
 
@@ -178,6 +180,7 @@ def test_batches_and_images_per_prompt_match_diffusers(eps_export):
     assert ours.prompts == ["a red circle"] * 2 + ["a green triangle"] * 2
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # two adapters on one UNet: intended
 def test_kohya_file_loads_in_diffusers_as_the_same_lora(eps_export):
     run, export = eps_export
     from diffusers import StableDiffusionPipeline
@@ -198,7 +201,8 @@ def test_kohya_file_loads_in_diffusers_as_the_same_lora(eps_export):
     assert (bare - outputs[0]).abs().max() > 1e-3  # the LoRA is really on in both
     keys = set(load_file(str(export / KOHYA_FILE)))
     for module in ("resnets_0_conv1", "resnets_0_conv2", "resnets_0_conv_shortcut", "resnets_0_time_emb_proj",
-                   "attentions_0_proj_in", "attentions_0_proj_out", "ff_net_0_proj", "ff_net_2", "attn2_to_out_0"):
+                   "attentions_0_proj_in", "attentions_0_proj_out", "ff_net_0_proj", "ff_net_2",
+                   "attn2_to_out_0"):
         assert any(module + ".lora_down.weight" in k for k in keys), module
     assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
                for k in keys)
@@ -234,7 +238,8 @@ def test_metadata_describes_the_run(exported):
 def test_docs_show_the_card_snippets():
     """docs/EXPORT.md shows the same code the card carries (and the test above runs)."""
     text = DOCS.read_text()
-    for snippet in loading_snippets("runs/emd/export", "stable-diffusion-v1-5/stable-diffusion-v1-5").values():
+    example = loading_snippets("runs/emd/export", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    for snippet in example.values():
         assert snippet in text
 
 

@@ -23,33 +23,31 @@ def export(tmp_path_factory, tiny_teacher_dir):
     return export_run(run, formats=("pipeline",))
 
 
-def test_teacher_image_is_the_plain_diffusers_teacher(export, tiny_teacher_dir):
+def test_teacher_images_beside_the_generator_and_the_pngs(export, tiny_teacher_dir, tmp_path):
+    """The teacher's N-step images are plain diffusers' (same noise, same code: exact), and get saved."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    samples = sample(["a red circle", "a blue square"], model=export, seed=5, teacher_steps=2, batch_size=1)
+    prompts = ["A Red Circle!", "a blue square"]
+    samples = sample(prompts, model=export, seed=5, teacher_steps=2, batch_size=1)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher_dir)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-    reference = pipe(["a red circle", "a blue square"], num_inference_steps=2, guidance_scale=GUIDANCE,
+    reference = pipe(prompts, num_inference_steps=2, guidance_scale=GUIDANCE,
                      generator=torch.Generator("cpu").manual_seed(5)).images
-    for ours, theirs in zip(samples.teacher_images, reference):  # same noise, same diffusers code: exact
+    for ours, theirs in zip(samples.teacher_images, reference):
         assert np.array_equal(np.asarray(ours), np.asarray(theirs))
     assert not np.array_equal(np.asarray(samples.images[0]), np.asarray(samples.teacher_images[0]))
 
-
-def test_save_samples_writes_images_side_by_side_and_a_grid(export, tmp_path):
-    samples = sample("A Red Circle!", model=export, num_images=2, teacher_steps=1)
     paths = save_samples(samples, tmp_path / "out")
-    names = [p.name for p in paths]
-    assert names == ["0000-a-red-circle.png", "0000-a-red-circle-teacher1.png", "0000-a-red-circle-side.png",
-                     "0001-a-red-circle.png", "0001-a-red-circle-teacher1.png", "0001-a-red-circle-side.png",
-                     "grid.png"]
+    assert [p.name for p in paths] == [
+        "0000-a-red-circle.png", "0000-a-red-circle-teacher2.png", "0000-a-red-circle-side.png",
+        "0001-a-blue-square.png", "0001-a-blue-square-teacher2.png", "0001-a-blue-square-side.png", "grid.png"]
     w, h = samples.images[0].size
     with Image.open(paths[2]) as side:
-        assert side.size == (2 * w, h)
+        assert side.size == (2 * w, h)  # [generator | teacher]
     with Image.open(paths[-1]) as grid:
-        assert grid.size == (4 * w, h)  # one prompt: its 2 generator images, then its 2 teacher images
-    with Image.open(paths[3]) as first:
-        assert first.text["prompt"] == "A Red Circle!" and first.text["seed"] == "0" and first.text["index"] == "1"
+        assert grid.size == (2 * w, 2 * h)  # a row per prompt
+    with Image.open(paths[3]) as second:
+        assert (second.text["prompt"], second.text["seed"], second.text["index"]) == ("a blue square", "5", "1")
 
 
 def test_resolve_model_finds_exports(export, tmp_path, monkeypatch):
