@@ -148,10 +148,12 @@ def sample(
     guidance_scale=0, num_images_per_prompt=num_images, generator=torch.Generator("cpu").manual_seed(seed))
     .images[i]`. `teacher_steps=N` also renders the teacher's N-step DDIM image from the same z, with
     classifier-free guidance `guidance_scale` (default: the one the generator was distilled with).
-    dtype: float16 on CUDA, float32 otherwise, unless given.
+    device "auto": CUDA if there is one. dtype: float16 on CUDA, float32 otherwise, unless given.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _check_arguments(prompts, num_images, teacher_steps, batch_size)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
     root = resolve_model(model)
     student = load_teacher(str(pipeline_dir(root)), dtype=dtype, device=device)
