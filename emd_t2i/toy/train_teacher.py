@@ -29,7 +29,7 @@ class TeacherRecipe:
 
     seed: int = 0
     num_images: int = 50_000  # the fixed training set, encoded to latents once
-    vae_steps: int = 1_500
+    vae_steps: int = 1_200
     vae_batch_size: int = 64
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4  # on the per-sample KL divided by the number of pixels, beside a per-pixel MSE
@@ -161,8 +161,13 @@ def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float, generat
 
 
 def train_vae(recipe: TeacherRecipe, ckpt_dir: Path, checkpoint_every_s: float) -> AutoencoderKL:
-    """Train (or resume) the autoencoder on freshly rendered images; return it once vae_steps are done."""
+    """Train (or resume) the autoencoder on freshly rendered images; return it once vae_steps are done.
+
+    Once the latents are encoded the VAE is frozen for good: a different --vae-steps then changes nothing.
+    """
     path = ckpt_dir / "vae.pt"
+    if (ckpt_dir / "latents.pt").exists():
+        recipe = TeacherRecipe(**{**asdict(recipe), "vae_steps": 0})
     vae = build_vae(recipe)
     opt = torch.optim.Adam(vae.parameters(), lr=recipe.vae_lr)
     step = 0
