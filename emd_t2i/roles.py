@@ -49,23 +49,32 @@ class Roles:
         self.guidance_scale = guidance_scale
         self._lora_layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
         self._lora_params = [p for n, p in unet.named_parameters() if "lora_" in n]
+        self._fast_switch = all(hasattr(m, "_active_adapter") and hasattr(m, "_disable_adapters")
+                                for m in self._lora_layers)
+        for param in self._lora_params:
+            param.requires_grad_(True)
         self.unet_rows = 0  # UNet batch rows evaluated: the unit of cost in docs/ALGORITHM.md
 
     # ------------------------------------------------------------ adapters
     def activate(self, adapter: str | None) -> None:
         """Switch the UNet to one role.
 
-        peft also flips `requires_grad` to match the active adapter, which would silently drop the M-step
-        gradient when the teacher runs between the generator's forward and its backward (gamma_z = 0 shares
-        one generator forward between E- and M-step). So every LoRA weight stays trainable: gradients are
-        isolated by which adapter is active, `no_grad` around teacher and fake calls, and `autograd.grad`
-        w.r.t. z only in the E-step (tests/test_roles.py checks both).
+        peft's `set_adapter`/`enable_adapters` also flip `requires_grad` to match the active adapter. That
+        would silently drop the M-step gradient when the teacher runs between the generator's forward and
+        its backward (gamma_z = 0 shares one generator forward between E- and M-step), and it costs ~25 ms
+        per switch on an SD1.5 UNet (docs/BENCHMARKS.md). So only the two attributes a LoRA layer's forward
+        reads are set; every LoRA weight stays trainable, and gradients are isolated by which adapter is
+        active, `no_grad` around teacher and fake calls, and `autograd.grad` w.r.t. z (tests/test_roles.py).
         """
-        for layer in self._lora_layers:
-            if adapter is None:
-                layer.enable_adapters(False)
-            else:
-                layer.enable_adapters(True)
+        if self._fast_switch:
+            for layer in self._lora_layers:
+                layer._disable_adapters = adapter is None
+                if adapter is not None:
+                    layer._active_adapter = [adapter]
+            return
+        for layer in self._lora_layers:  # public API, for a peft without those attributes
+            layer.enable_adapters(adapter is not None)
+            if adapter is not None:
                 layer.set_adapter(adapter)
         for param in self._lora_params:
             param.requires_grad_(True)

@@ -103,3 +103,20 @@ def test_gradients_reach_only_the_role_being_trained(tiny_teacher_dir):
     fake_score_step(fake_eps, step.x0_sample, t, teacher.alphas_cumprod).backward()
     assert sum(float(p.grad.abs().sum()) for p in fake if p.grad is not None) > 0
     assert all(p.grad is None for p in gen)
+
+
+def test_fast_role_switch_matches_peft_public_api(tiny_teacher_dir):
+    teacher, roles = _roles(tiny_teacher_dir)
+    assert roles._fast_switch
+    _perturb(adapter_parameters(teacher.unet, GENERATOR) + adapter_parameters(teacher.unet, FAKE_SCORE), 3)
+    _, x, t, cond = _inputs(teacher)
+    with torch.no_grad():
+        for adapter in (GENERATOR, FAKE_SCORE, None, GENERATOR):
+            ours = roles.eps(adapter, x, t, cond)
+            if adapter is None:
+                teacher.unet.disable_adapters()
+            else:
+                teacher.unet.enable_adapters()
+                teacher.unet.set_adapter(adapter)
+            theirs = teacher.unet(x, t, encoder_hidden_states=cond).sample
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

@@ -75,10 +75,16 @@ def test_distill_through_the_cli_makes_a_complete_run_folder(tiny_teacher_dir, p
         "2",
         "--device",
         "cpu",
-        "--no-export",
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert (out / "export" / "pytorch_lora_weights.safetensors").exists(), "no automatic export at the end"
+    result = CliRunner().invoke(
+        app, ["sample", "a cat", "--model", str(out / "export"), "--seed", "3", "--output", str(tmp_path / "png")]
+    )
+    assert result.exit_code == 0, result.output
+    written = sorted((tmp_path / "png").glob("*.png"))
+    assert written and all(str(p) in result.output for p in written)
 
     saved = DistillConfig.load(out / "config.json")
     assert saved.iterations == 3 and saved.num_langevin_steps == 2 and saved.teacher == str(tiny_teacher_dir)
