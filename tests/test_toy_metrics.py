@@ -91,3 +91,22 @@ def test_shipped_teacher_loads_offline_and_is_small():
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     images = metrics.sample_teacher(pipe, ["a red circle on a white background"] * 2, steps=2, guidance=3.0)
     assert images.shape == (2, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+
+
+@pytest.mark.slow
+def test_recipe_resumes_and_exports_a_loadable_pipeline(tmp_path):
+    import json
+
+    from emd_t2i.toy.train_teacher import TeacherRecipe, train_teacher
+
+    recipe = TeacherRecipe(num_images=32, vae_steps=2, vae_batch_size=4, unet_steps=2, batch_size=4)
+    out, ckpt = tmp_path / "teacher", tmp_path / "ckpt"
+    train_teacher(out, ckpt, recipe)
+    assert json.loads((out / "toy_teacher.json").read_text())["step"] == 2
+    train_teacher(out, ckpt, TeacherRecipe(**{**recipe.__dict__, "unet_steps": 3}))  # the same command, resumed
+    assert json.loads((out / "toy_teacher.json").read_text())["step"] == 3
+    assert not (tmp_path / "teacher.tmp").exists() and not (tmp_path / "teacher.old").exists()
+    pipe = metrics.load_teacher(out)
+    assert pipe.vae.config.scaling_factor == torch.load(ckpt / "latents.pt", weights_only=False)["scaling_factor"]
+    images = metrics.sample_teacher(pipe, ["red circle, black background"], steps=2, guidance=3.0)
+    assert images.shape == (1, 3, 32, 32)
