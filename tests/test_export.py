@@ -272,3 +272,10 @@ def test_user_errors(plain_run, tmp_path):
     with pytest.raises(UserError, match="step-000010"):
         export_run(run, checkpoint=5)
     assert export_run(run, output=tmp_path / "out", formats=("lora",), checkpoint="step-000010").is_dir()
+
+
+def test_readme_shows_the_tested_snippets():
+    """The README's diffusers snippets are the ones the tests above run, rendered for an SD1.5 run."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for snippet in loading_snippets("runs/sd15/export", "stable-diffusion-v1-5/stable-diffusion-v1-5").values():
+        assert snippet.strip() in readme
