@@ -216,9 +216,17 @@ def sample(
 
 @app.command("eval")
 @user_errors
-def evaluate():
-    """Evaluate an export: FID and CLIP score (and the toy metrics for the toy teacher)."""
-    raise fail("`emd-t2i eval` is not built yet", code=1)
+def evaluate(
+    model: Annotated[str | None, typer.Option(help="export folder or run folder [default: newest runs/*/export]")] = None,
+    n: Annotated[int, typer.Option(help="evaluation prompts")] = 240,
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
+):
+    """Evaluate an export (toy teacher: prompt accuracy, diversity, Frechet distance); writes eval.json."""
+    from .evaluate import evaluate_export
+
+    if n < 2:
+        raise UserError("--n must be >= 2")
+    typer.echo(json.dumps(evaluate_export(model, n=n, device=device), indent=2))
 
 
 def main() -> None:

@@ -1,0 +1,29 @@
+"""Evaluation on the toy domain: real images score as real, a collapsed generator is caught."""
+
+import torch
+
+from emd_t2i.evaluate import toy_report
+from emd_t2i.toy import metrics
+
+
+def real_source(prompts, seed):
+    return torch.cat([metrics.real_images_for_prompt(p, 1, seed=seed + 1000 + i) for i, p in enumerate(prompts)])
+
+
+def collapsed_source(prompts, seed):
+    """Right attributes, but every image of a prompt is the same picture (no diversity)."""
+    return torch.cat([metrics.real_images_for_prompt(p, 1, seed=7) for p in prompts])
+
+
+def test_real_images_score_as_real():
+    report = toy_report(real_source, n=96, diversity_images=48)
+    assert report["prompt_accuracy"]["all"] > 0.95
+    assert 0.7 < report["diversity_ratio"]["mean"] < 1.4
+
+
+def test_a_collapsed_generator_is_caught():
+    real, collapsed = toy_report(real_source, n=96, diversity_images=48), toy_report(collapsed_source, n=96,
+                                                                                        diversity_images=48)
+    assert collapsed["prompt_accuracy"]["all"] > 0.95  # adherence alone cannot see collapse ...
+    assert collapsed["diversity_ratio"]["mean"] < 0.1  # ... diversity can
+    assert collapsed["frechet_distance_to_real"] > 2 * real["frechet_distance_to_real"]
