@@ -1,0 +1,91 @@
+"""The toy-teacher quality table of docs/BENCHMARKS.md: teacher (25, 50, 1 step), EMD student, DMD baseline.
+
+Every row is measured by emd_t2i.evaluate.toy_report on the same prompts and seeds. The students are trained
+by the same code (`emd_t2i.train.distill`); the DMD baseline is EMD with K = 1, gamma_eps = 2, gamma_z = 0
+(docs/ALGORITHM.md: that is exactly DMD's distribution-matching gradient).
+
+    python benchmarks/toy_quality.py --n 240 --out benchmarks/results/toy_quality.json
+    python benchmarks/toy_quality.py --rows emd --set num_langevin_steps=4 --set gamma_eps=0.8   # a sweep point
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from emd_t2i.config import build_config
+from emd_t2i.evaluate import one_step_images, toy_report
+from emd_t2i.export import export_run, one_step_scheduler
+from emd_t2i.teachers import TOY_TEACHER_DIR
+from emd_t2i.toy import metrics
+from emd_t2i.train import distill
+
+DMD = {"num_langevin_steps": 1, "gamma_eps": 2.0, "gamma_z": 0.0, "noise_cancellation": True}
+
+
+def teacher_source(steps: int, guidance: float):
+    pipe = metrics.load_teacher(TOY_TEACHER_DIR)
+    if steps == 1:  # the teacher's own one-step x0-prediction at t* = 999 (what the student starts from)
+        pipe.scheduler = one_step_scheduler(dict(pipe.scheduler.config), 999, "epsilon")
+    return lambda prompts, seed: metrics.sample_teacher(pipe, prompts, steps, guidance, seed)
+
+
+def student_source(name: str, overrides: dict, runs: Path):
+    cfg = build_config(teacher="toy", output=str(runs / name), **overrides)
+    start = time.time()
+    run_dir = distill(cfg)
+    minutes = (time.time() - start) / 60
+    export = export_run(run_dir, formats=("pipeline",), overwrite=True)
+    return one_step_images(export), minutes, cfg
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, value = pair.split("=", 1)
+        out[key] = json.loads(value) if value not in ("true", "false") else value == "true"
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=240, help="evaluation prompts")
+    parser.add_argument("--guidance", type=float, default=None, help="teacher guidance [default: the toy preset's]")
+    parser.add_argument("--rows", nargs="+", default=["teacher25", "teacher50", "teacher1", "emd", "dmd"])
+    parser.add_argument("--set", action="append", default=[], help="override a distill flag of the EMD row: KEY=VALUE")
+    parser.add_argument("--runs", type=Path, default=Path("runs/benchmarks"))
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
+    args = parser.parse_args()
+    guidance = args.guidance or build_config(teacher="toy").guidance_scale
+    emd_overrides = parse_sets(args.set)
+
+    results = {}
+    for row in args.rows:
+        start = time.time()
+        extra = {}
+        if row.startswith("teacher"):
+            source = teacher_source(int(row[len("teacher"):]), guidance)
+        else:
+            overrides = DMD if row == "dmd" else emd_overrides
+            source, minutes, cfg = student_source(row, overrides, args.runs)
+            extra = {"train_minutes": round(minutes, 1), "config": {k: v for k, v in cfg.to_dict().items()
+                                                                      if k not in ("output", "prompts")}}
+        report = toy_report(source, n=args.n)
+        results[row] = {**report, **extra, "eval_seconds": round(time.time() - start, 1)}
+        print(json.dumps({row: results[row]}), flush=True)
+
+    print("\n| source | colour | shape | background | all three | diversity | Frechet to real |")
+    print("|---|---|---|---|---|---|---|")
+    for row, r in results.items():
+        acc = r["prompt_accuracy"]
+        print(f"| {row} | {acc['colour']:.3f} | {acc['shape']:.3f} | {acc['background']:.3f} | {acc['all']:.3f} "
+              f"| {r['diversity_ratio']['mean']:.2f} | {r['frechet_distance_to_real']:.2f} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
