@@ -143,14 +143,16 @@ def m_step_loss(x0: Tensor, eps_tilde: Tensor, alpha_t: Tensor, sigma_t: Tensor,
     so learning rates and clipping thresholds carry over). Its gradient is -w (sigma/alpha) J^T eps_tilde
     per element; the value is a diagnostic only.
     """
-    target = (x0 + (sigma_t / alpha_t) * eps_tilde).detach()
-    per_sample = 0.5 * (x0.float() - target.float()).pow(2).flatten(1).mean(dim=1)
-    return (weight.float() * per_sample).mean()
+    dtype = torch.promote_types(x0.dtype, torch.float32)  # half precision in, float32 loss; float64 stays
+    target = (x0.to(dtype) + (sigma_t / alpha_t).to(dtype) * eps_tilde.to(dtype)).detach()
+    per_sample = 0.5 * (x0.to(dtype) - target).pow(2).flatten(1).mean(dim=1)
+    return (weight.to(dtype) * per_sample).mean()
 
 
 def fake_score_loss(eps_pred: Tensor, eps: Tensor) -> Tensor:
     """(F1) L_psi = || eps_psi(alpha_t sg(g(z)) + sigma_t eps, t, c) - eps ||^2, mean over elements."""
-    return (eps_pred.float() - eps.float()).pow(2).mean()
+    dtype = torch.promote_types(eps_pred.dtype, torch.float32)
+    return (eps_pred.to(dtype) - eps.to(dtype)).pow(2).mean()
 
 
 def sample_timesteps(batch: int, t_min: int, t_max: int, device, rng: torch.Generator | None = None) -> Tensor:

@@ -101,7 +101,7 @@ def test_k1_gamma2_with_cancellation_is_dmd_gradient():
     gen, teacher, fake = roles()
     got = emd_grads(gen, teacher, fake, K=1, g_eps=2.0, g_z=0.0, nc=True)
     want = param_grads(dmd2_loss(gen, teacher, fake, *draws()), gen)
-    for g, w in zip(got, want):  # float32 tolerance: emd.m_step_loss reduces in float32 (see the xfail below)
+    for g, w in zip(got, want):  # float64 roles; test_m1_keeps_float64_precision below is tighter still
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6 * float(w.abs().max()))
     assert sum(float(w.abs().sum()) for w in want) > 1e-3  # not a vacuous 0 == 0
 
@@ -118,9 +118,8 @@ def test_k1_gamma2_without_cancellation_carries_sqrt2_n0():
         assert (g - d).norm() > 0.1 * d.norm()
 
 
-@pytest.mark.xfail(strict=True, reason="emd.m_step_loss casts to float32: x0 - sg(x0 + u) cancels in float32")
 def test_m1_keeps_float64_precision():
-    """Reported to the lead: with float64 roles (the oracle) the (M1) gradient has ~1e-5 relative error."""
+    """With float64 roles (the oracle) the (M1) gradient keeps float64 precision (it once reduced in float32)."""
     gen, teacher, fake = roles()
     got = emd_grads(gen, teacher, fake, K=1, g_eps=2.0, g_z=0.0, nc=True)
     want = param_grads(dmd2_loss(gen, teacher, fake, *draws()), gen)
