@@ -16,7 +16,7 @@ if _ROOT not in sys.path:
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models gain nothing from 2 threads; with the CPU shared, OpenMP spin-waits made a 3 s run take 165 s
 
 
 @pytest.fixture(scope="session")
