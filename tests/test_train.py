@@ -190,3 +190,17 @@ def test_every_prompt_is_seen_once_per_epoch():
     assert sorted(seen[:7]) == sorted(prompts) and sorted(seen[7:14]) == sorted(prompts)
     ranks = [batch_prompts(prompts, 3, 0, rank, 2, 2) for rank in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1]), "two processes drew the same prompts in one step"
+
+
+def test_report_to_tensorboard_writes_scalars_and_the_grid(tiny_teacher_dir, prompt_file, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = distill(tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "run", iterations=2, report_to="tensorboard"))
+    events = sorted(run.rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file in the run folder"
+    tags = {"scalars": set(), "images": set()}
+    for folder in {e.parent for e in events}:  # accelerate also writes the hyperparameters in a subfolder
+        found = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0}).Reload().Tags()
+        tags = {k: v | set(found[k]) for k, v in tags.items()}
+    assert {"loss_generator", "loss_fake", "grad_norm_generator", "it_per_s"} <= tags["scalars"]
+    assert "samples" in tags["images"]
