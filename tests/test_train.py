@@ -204,3 +204,15 @@ def test_report_to_tensorboard_writes_scalars_and_the_grid(tiny_teacher_dir, pro
         tags = {k: v | set(found[k]) for k, v in tags.items()}
     assert {"loss_generator", "loss_fake", "grad_norm_generator", "it_per_s"} <= tags["scalars"]
     assert "samples" in tags["images"]
+
+
+def test_bf16_gradient_checkpointing_and_accumulation_run_on_cpu(tiny_teacher_dir, prompt_file, tmp_path):
+    """The frozen base in bf16, LoRA weights in fp32, activations recomputed, two micro-batches per update."""
+    cfg = tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "run", iterations=2, mixed_precision="bf16",
+                      gradient_checkpointing=True, grad_accum=2, validate_every=0)
+    run = distill(cfg)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all(r["non_finite"] == 0 and r["grad_norm_generator"] > 0 for r in log)
+    assert log[0]["unet_rows_per_it"] == 2 * (4 * 2 + 2) * 2, "two micro-batches per iteration"
+    weights = load_file(str(ckpt.latest_checkpoint(run) / "generator.safetensors"))
+    assert all(v.dtype == torch.float32 for v in weights.values()), "LoRA weights must stay in float32"
