@@ -153,14 +153,25 @@ def teachers():
 @toy_app.command("train-teacher")
 @user_errors
 def toy_train_teacher(
-    output: Annotated[Path, typer.Option(help="where to save the pipeline folder")] = Path("runs/toy-teacher"),
-    minutes: Annotated[float, typer.Option(help="wall-clock budget for the diffusion model")] = 60.0,
+    output: Annotated[Path, typer.Option(help="pipeline folder to write (replaced atomically)")] = Path("runs/toy-teacher"),
+    checkpoints: Annotated[Path, typer.Option(help="resumable training state")] = Path("runs/toy-teacher-ckpt"),
+    unet_steps: Annotated[int | None, typer.Option(help="diffusion-model steps [default: the recipe's]")] = None,
+    vae_steps: Annotated[int | None, typer.Option(help="autoencoder steps [default: the recipe's]")] = None,
+    num_images: Annotated[int | None, typer.Option(help="size of the fixed training set [default: the recipe's]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="diffusion-model batch [default: the recipe's]")] = None,
+    export_only: Annotated[bool, typer.Option("--export-only", help="only re-export from the last checkpoint")] = False,
 ):
-    """Train the toy teacher with the project's recipe (resumable: run again to continue)."""
-    from .toy.train_teacher import train_teacher
+    """Train the toy teacher with the project's recipe (resumable: run the same command again to continue)."""
+    from dataclasses import replace
 
-    train_teacher(output, minutes=minutes)
-    typer.echo(f"toy teacher saved to {output}")
+    from .toy.train_teacher import TeacherRecipe, train_teacher
+
+    given = {"unet_steps": unet_steps, "vae_steps": vae_steps, "num_images": num_images, "batch_size": batch_size}
+    if any(v is not None and v < 1 for v in given.values()):
+        raise UserError("--unet-steps, --vae-steps, --num-images and --batch-size must be >= 1")
+    recipe = replace(TeacherRecipe(), **{k: v for k, v in given.items() if v is not None})
+    path = train_teacher(output, checkpoints, recipe, export_only=export_only)
+    typer.echo(f"toy teacher saved to {path}; use it with --teacher {path}")
 
 
 # ---------------------------------------------------------------- commands built in other modules

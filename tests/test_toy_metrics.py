@@ -110,3 +110,19 @@ def test_recipe_resumes_and_exports_a_loadable_pipeline(tmp_path):
     assert pipe.vae.config.scaling_factor == torch.load(ckpt / "latents.pt", weights_only=False)["scaling_factor"]
     images = metrics.sample_teacher(pipe, ["red circle, black background"], steps=2, guidance=3.0)
     assert images.shape == (1, 3, 32, 32)
+
+
+@pytest.mark.slow
+def test_cli_trains_a_tiny_toy_teacher(tmp_path):
+    from typer.testing import CliRunner
+
+    from emd_t2i.cli import app
+    from emd_t2i.teachers import load_teacher
+
+    out = tmp_path / "teacher"
+    args = ["toy", "train-teacher", "--output", str(out), "--checkpoints", str(tmp_path / "ckpt"), "--num-images", "32",
+            "--vae-steps", "2", "--unet-steps", "2", "--batch-size", "4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert load_teacher(str(out)).latent_size == 8
+    assert CliRunner().invoke(app, [*args[:2], "--unet-steps", "0"]).exit_code == 2
