@@ -13,7 +13,9 @@ needs_classifier = pytest.mark.skipif(not CLASSIFIER_PATH.exists(), reason="clas
 
 @pytest.fixture(scope="module")
 def held_out():
-    attrs = domain.sample_attributes(1000, seed=123_457)  # seeds disjoint from the classifier's training seeds
+    attrs = domain.sample_attributes(
+        1000, seed=123_457
+    )  # seeds disjoint from the classifier's training seeds
     return domain.render(attrs), attrs
 
 
@@ -85,7 +87,10 @@ def test_shipped_teacher_loads_offline_and_is_small():
     assert size_mb <= 30, size_mb
     pipe = StableDiffusionPipeline.from_pretrained(str(TEACHER_DIR))
     assert pipe.safety_checker is None
-    assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.prediction_type == "epsilon"
+    assert (
+        pipe.scheduler.config.beta_schedule == "scaled_linear"
+        and pipe.scheduler.config.prediction_type == "epsilon"
+    )
     assert pipe.vae_scale_factor == 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     assert pipe.vae.config.scaling_factor != 0.18215  # measured from the latents, not copied from SD
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
@@ -103,11 +108,16 @@ def test_recipe_resumes_and_exports_a_loadable_pipeline(tmp_path):
     out, ckpt = tmp_path / "teacher", tmp_path / "ckpt"
     train_teacher(out, ckpt, recipe)
     assert json.loads((out / "toy_teacher.json").read_text())["step"] == 2
-    train_teacher(out, ckpt, TeacherRecipe(**{**recipe.__dict__, "unet_steps": 3}))  # the same command, resumed
+    train_teacher(
+        out, ckpt, TeacherRecipe(**{**recipe.__dict__, "unet_steps": 3})
+    )  # the same command, resumed
     assert json.loads((out / "toy_teacher.json").read_text())["step"] == 3
     assert not (tmp_path / "teacher.tmp").exists() and not (tmp_path / "teacher.old").exists()
     pipe = metrics.load_teacher(out)
-    assert pipe.vae.config.scaling_factor == torch.load(ckpt / "latents.pt", weights_only=False)["scaling_factor"]
+    assert (
+        pipe.vae.config.scaling_factor
+        == torch.load(ckpt / "latents.pt", weights_only=False)["scaling_factor"]
+    )
     images = metrics.sample_teacher(pipe, ["red circle, black background"], steps=2, guidance=3.0)
     assert images.shape == (1, 3, 32, 32)
 
@@ -120,8 +130,22 @@ def test_cli_trains_a_tiny_toy_teacher(tmp_path):
     from emd_t2i.teachers import load_teacher
 
     out = tmp_path / "teacher"
-    args = ["toy", "train-teacher", "--output", str(out), "--checkpoints", str(tmp_path / "ckpt"), "--num-images", "32",
-            "--vae-steps", "2", "--unet-steps", "2", "--batch-size", "4"]
+    args = [
+        "toy",
+        "train-teacher",
+        "--output",
+        str(out),
+        "--checkpoints",
+        str(tmp_path / "ckpt"),
+        "--num-images",
+        "32",
+        "--vae-steps",
+        "2",
+        "--unet-steps",
+        "2",
+        "--batch-size",
+        "4",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert load_teacher(str(out)).latent_size == 8

@@ -13,7 +13,12 @@ IMAGE_SIZE = 32
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow")
 BACKGROUNDS = ("white", "black")
-COLOUR_RGB = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0)}
+COLOUR_RGB = {
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+}
 BACKGROUND_RGB = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
 # Half-extent of a shape in pixels (circle radius, half the side of a square, half the base of a triangle).
 # Large minimum so that the shape survives the 4x downsampling to 8x8 latents.
@@ -42,7 +47,7 @@ class Attributes:
     def __len__(self) -> int:
         return len(self.shape)
 
-    def __getitem__(self, index) -> "Attributes":
+    def __getitem__(self, index) -> Attributes:
         return Attributes(*(np.atleast_1d(getattr(self, f)[index]) for f in self.__dataclass_fields__))
 
 
@@ -93,7 +98,9 @@ def caption(shape: int, colour: int, background: int, phrasing: int = 0) -> str:
 def captions(attrs: Attributes, seed: int | None = None) -> list[str]:
     """Captions for a batch; phrasing 0 everywhere when seed is None, else drawn at random."""
     n = len(attrs)
-    phrasing = np.zeros(n, int) if seed is None else np.random.default_rng(seed).integers(0, len(PHRASINGS), n)
+    phrasing = (
+        np.zeros(n, int) if seed is None else np.random.default_rng(seed).integers(0, len(PHRASINGS), n)
+    )
     return [caption(s, c, b, p) for s, c, b, p in zip(attrs.shape, attrs.colour, attrs.background, phrasing)]
 
 

@@ -11,14 +11,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg
 from safetensors.torch import load_file, save_file
+from scipy import linalg
 from torch import Tensor, nn
 
 from emd_t2i.toy import CLASSIFIER_PATH, TEACHER_DIR, domain
 
 ATTRIBUTES = ("shape", "colour", "background")
-NUM_CLASSES = {"shape": len(domain.SHAPES), "colour": len(domain.COLOURS), "background": len(domain.BACKGROUNDS)}
+NUM_CLASSES = {
+    "shape": len(domain.SHAPES),
+    "colour": len(domain.COLOURS),
+    "background": len(domain.BACKGROUNDS),
+}
 GEOMETRY = ("cx", "cy", "size")
 
 
@@ -50,21 +54,29 @@ class AttributeClassifier(nn.Module):
 def geometry_targets(attrs: domain.Attributes) -> Tensor:
     """(cx, cy, size) scaled to about [0, 1], the regression targets."""
     span = domain.MAX_SIZE - domain.MIN_SIZE
-    g = np.stack([attrs.cx / domain.IMAGE_SIZE, attrs.cy / domain.IMAGE_SIZE, (attrs.size - domain.MIN_SIZE) / span], 1)
+    g = np.stack(
+        [attrs.cx / domain.IMAGE_SIZE, attrs.cy / domain.IMAGE_SIZE, (attrs.size - domain.MIN_SIZE) / span], 1
+    )
     return torch.from_numpy(g).float()
 
 
 def geometry_pixels(scaled: Tensor) -> Tensor:
     """Inverse of geometry_targets: predicted (cx, cy, size) in pixels."""
     span = domain.MAX_SIZE - domain.MIN_SIZE
-    return scaled * torch.tensor([domain.IMAGE_SIZE, domain.IMAGE_SIZE, span]) + torch.tensor([0, 0, domain.MIN_SIZE])
+    return scaled * torch.tensor([domain.IMAGE_SIZE, domain.IMAGE_SIZE, span]) + torch.tensor(
+        [0, 0, domain.MIN_SIZE]
+    )
 
 
 def augment(images: Tensor, gen: torch.Generator) -> Tensor:
     """Mild blur and noise, so the classifier also judges imperfect generated images fairly."""
     n = len(images)
     kernel = torch.tensor([0.25, 0.5, 0.25])
-    blurred = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), (kernel[:, None] * kernel)[None, None].repeat(3, 1, 1, 1), groups=3)
+    blurred = F.conv2d(
+        F.pad(images, (1, 1, 1, 1), mode="replicate"),
+        (kernel[:, None] * kernel)[None, None].repeat(3, 1, 1, 1),
+        groups=3,
+    )
     amount = torch.rand(n, 1, 1, 1, generator=gen)
     noise = 0.1 * torch.rand(n, 1, 1, 1, generator=gen) * torch.randn(images.shape, generator=gen)
     return (images + amount * (blurred - images) + noise).clamp(-1, 1)
@@ -78,7 +90,9 @@ def classifier_loss(model: AttributeClassifier, images: Tensor, attrs: domain.At
     return loss
 
 
-def train_classifier(steps: int = 1500, batch_size: int = 128, lr: float = 2e-3, seed: int = 0) -> AttributeClassifier:
+def train_classifier(
+    steps: int = 1500, batch_size: int = 128, lr: float = 2e-3, seed: int = 0
+) -> AttributeClassifier:
     """Train the attribute classifier on freshly rendered, augmented images (seeds disjoint from evaluation)."""
     torch.manual_seed(seed)
     model = AttributeClassifier()
@@ -103,20 +117,26 @@ def save_classifier(model: AttributeClassifier, path: str | Path = CLASSIFIER_PA
 def load_classifier(path: str | Path = CLASSIFIER_PATH) -> AttributeClassifier:
     """The shipped classifier (train one with `python -m emd_t2i.toy.metrics train-classifier`)."""
     if not Path(path).exists():
-        raise FileNotFoundError(f"no classifier at {path}; run `python -m emd_t2i.toy.metrics train-classifier`")
+        raise FileNotFoundError(
+            f"no classifier at {path}; run `python -m emd_t2i.toy.metrics train-classifier`"
+        )
     model = AttributeClassifier()
     model.load_state_dict(load_file(str(path)))
     return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def predict(images: Tensor, classifier: AttributeClassifier | None = None, batch_size: int = 512) -> dict[str, Tensor]:
+def predict(
+    images: Tensor, classifier: AttributeClassifier | None = None, batch_size: int = 512
+) -> dict[str, Tensor]:
     """Predicted class indices per attribute, geometry (N, 3) in pixels, and penultimate features."""
     classifier = classifier or load_classifier()
     outs = []
     for chunk in images.float().split(batch_size):
         out = classifier(chunk)
-        outs.append({**{a: out[a].argmax(1) for a in ATTRIBUTES}, "geometry": geometry_pixels(out["geometry"])})
+        outs.append(
+            {**{a: out[a].argmax(1) for a in ATTRIBUTES}, "geometry": geometry_pixels(out["geometry"])}
+        )
         outs[-1]["features"] = classifier.features(chunk)
     return {key: torch.cat([o[key] for o in outs]) for key in outs[0]}
 
@@ -134,7 +154,10 @@ def prompt_accuracy(images: Tensor, prompts: list[str], classifier=None) -> dict
     wanted = np.array([[-1 if v is None else v for v in domain.parse_prompt(p)] for p in prompts])
     hits = np.stack([pred[a].numpy() == wanted[:, i] for i, a in enumerate(ATTRIBUTES)], 1)
     named = wanted >= 0
-    result = {a: float(hits[named[:, i], i].mean()) if named[:, i].any() else float("nan") for i, a in enumerate(ATTRIBUTES)}
+    result = {
+        a: float(hits[named[:, i], i].mean()) if named[:, i].any() else float("nan")
+        for i, a in enumerate(ATTRIBUTES)
+    }
     complete = named.all(1)
     result["all"] = float(hits[complete].all(1).mean()) if complete.any() else float("nan")
     return result
@@ -168,7 +191,9 @@ def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
 
 def classifier_frechet_distance(images_a: Tensor, images_b: Tensor, classifier=None) -> float:
     """Frechet distance between two image sets in the classifier's penultimate feature space."""
-    return frechet_distance(predict(images_a, classifier)["features"], predict(images_b, classifier)["features"])
+    return frechet_distance(
+        predict(images_a, classifier)["features"], predict(images_b, classifier)["features"]
+    )
 
 
 def evaluation_prompts(n: int, seed: int = 0) -> list[str]:
@@ -188,17 +213,27 @@ def load_teacher(path: str | Path = TEACHER_DIR):
 
 
 @torch.no_grad()
-def sample_teacher(pipe, prompts: list[str], steps: int = 25, guidance: float = 4.0, seed: int = 0, batch_size: int = 120) -> Tensor:
+def sample_teacher(
+    pipe, prompts: list[str], steps: int = 25, guidance: float = 4.0, seed: int = 0, batch_size: int = 120
+) -> Tensor:
     """Teacher samples in [-1, 1], (N, 3, H, W): `steps` steps of the pipeline's scheduler (DDIM) with CFG."""
     images = []
     for i in range(0, len(prompts), batch_size):
         gen = torch.Generator().manual_seed(seed + i)
-        out = pipe(prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="pt")
+        out = pipe(
+            prompts[i : i + batch_size],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gen,
+            output_type="pt",
+        )
         images.append(out.images * 2 - 1)
     return torch.cat(images)
 
 
-def evaluate_teacher(path=TEACHER_DIR, n: int = 240, steps: int = 25, guidance: float = 4.0, seed: int = 0) -> dict:
+def evaluate_teacher(
+    path=TEACHER_DIR, n: int = 240, steps: int = 25, guidance: float = 4.0, seed: int = 0
+) -> dict:
     """Prompt accuracy, diversity and Frechet distance to real data of N-step guided teacher samples."""
     prompts = evaluation_prompts(n, seed)
     start = time.time()
@@ -219,7 +254,9 @@ def evaluate_teacher(path=TEACHER_DIR, n: int = 240, steps: int = 25, guidance: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train-classifier", help="train the attribute classifier and save it in the package")
+    train = sub.add_parser(
+        "train-classifier", help="train the attribute classifier and save it in the package"
+    )
     train.add_argument("--steps", type=int, default=1500)
     train.add_argument("--output", default=str(CLASSIFIER_PATH))
     evaluate = sub.add_parser("eval-teacher", help="measure N-step guided teacher samples")

@@ -179,7 +179,9 @@ def train_vae(recipe: TeacherRecipe, ckpt_dir: Path, checkpoint_every_s: float) 
     while step < recipe.vae_steps:
         # Per-step seeding from (seed, step): resuming replays exactly the data it would have seen.
         gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
-        images = domain.render(domain.sample_attributes(recipe.vae_batch_size, seed=10**9 + recipe.seed * 10**6 + step))
+        images = domain.render(
+            domain.sample_attributes(recipe.vae_batch_size, seed=10**9 + recipe.seed * 10**6 + step)
+        )
         lr = recipe.vae_lr * 0.5 * (1 + np.cos(np.pi * step / recipe.vae_steps))
         for group in opt.param_groups:
             group["lr"] = lr
@@ -190,7 +192,9 @@ def train_vae(recipe: TeacherRecipe, ckpt_dir: Path, checkpoint_every_s: float) 
         step += 1
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0:
-            log(f"vae step {step}/{recipe.vae_steps} loss {running:.4f} ({(time.time() - t0) / 50:.2f} s/step)")
+            log(
+                f"vae step {step}/{recipe.vae_steps} loss {running:.4f} ({(time.time() - t0) / 50:.2f} s/step)"
+            )
             t0 = time.time()
         if time.time() - last_save > checkpoint_every_s or step == recipe.vae_steps:
             save_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, path)
@@ -231,7 +235,9 @@ def encode_dataset(vae: AutoencoderKL, recipe: TeacherRecipe, ckpt_dir: Path) ->
 def caption_table(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids of every domain caption plus the null prompt (last row), and a (shape, colour, bg, phrasing) index."""
     texts = domain.all_captions() + [NULL_PROMPT]
-    tokens = tokenizer(texts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt")
+    tokens = tokenizer(
+        texts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt"
+    )
     position = {text: i for i, text in enumerate(texts)}
     dims = (len(domain.SHAPES), len(domain.COLOURS), len(domain.BACKGROUNDS), len(domain.PHRASINGS))
     index = torch.tensor([position[domain.caption(*key)] for key in np.ndindex(*dims)]).reshape(dims)
@@ -250,7 +256,9 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p, 1 - decay)
 
 
-def diffusion_loss(batch: dict, text_encoder, unet, alphas_cumprod, recipe: TeacherRecipe, gen) -> torch.Tensor:
+def diffusion_loss(
+    batch: dict, text_encoder, unet, alphas_cumprod, recipe: TeacherRecipe, gen
+) -> torch.Tensor:
     """(N1) noise the latents at a uniform t, predict eps with the caption (dropped to null at rate p), Min-SNR MSE."""
     z0 = batch["latents"]
     t = torch.randint(0, len(alphas_cumprod), (len(z0),), generator=gen)
@@ -302,7 +310,12 @@ def train_teacher(
     path, step = ckpt_dir / "unet.pt", 0
     if path.exists():
         state = torch.load(path, weights_only=False)
-        for name, module in [("text", text_encoder), ("unet", unet), ("ema_text", ema_text), ("ema_unet", ema_unet)]:
+        for name, module in [
+            ("text", text_encoder),
+            ("unet", unet),
+            ("ema_text", ema_text),
+            ("ema_unet", ema_unet),
+        ]:
             module.load_state_dict(state[name])
         opt.load_state_dict(state["opt"])
         step = state["step"]
@@ -317,7 +330,9 @@ def train_teacher(
 
     def checkpoint() -> None:
         modules = {"text": text_encoder, "unet": unet, "ema_text": ema_text, "ema_unet": ema_unet}
-        save_atomic({**{k: m.state_dict() for k, m in modules.items()}, "opt": opt.state_dict(), "step": step}, path)
+        save_atomic(
+            {**{k: m.state_dict() for k, m in modules.items()}, "opt": opt.state_dict(), "step": step}, path
+        )
 
     if export_only:
         export()
@@ -330,9 +345,13 @@ def train_teacher(
         gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + 10**7 + step)
         for group in opt.param_groups:
             group["lr"] = recipe.lr * min(1.0, (step + 1) / recipe.warmup_steps)
-        loss = diffusion_loss(draw_batch(data, tokens, index, recipe, gen), text_encoder, unet, alphas_cumprod, recipe, gen)
+        loss = diffusion_loss(
+            draw_batch(data, tokens, index, recipe, gen), text_encoder, unet, alphas_cumprod, recipe, gen
+        )
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}; resume from the last checkpoint with a lower lr")
+            raise FloatingPointError(
+                f"non-finite loss at step {step}; resume from the last checkpoint with a lower lr"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -342,7 +361,9 @@ def train_teacher(
         ema_update(ema_text, text_encoder, decay), ema_update(ema_unet, unet, decay)
         running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
         if step % 100 == 0:
-            log(f"unet step {step}/{recipe.unet_steps} loss {running:.4f} ({(time.time() - t0) / 100:.3f} s/step)")
+            log(
+                f"unet step {step}/{recipe.unet_steps} loss {running:.4f} ({(time.time() - t0) / 100:.3f} s/step)"
+            )
             t0 = time.time()
         if time.time() - last_save > checkpoint_every_s:
             checkpoint()
@@ -367,8 +388,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=TeacherRecipe.seed)
     parser.add_argument("--checkpoint-every-min", type=float, default=3.0)
     parser.add_argument("--export-every-min", type=float, default=10.0)
-    parser.add_argument("--export-only", action="store_true", help="re-export the pipeline from the last checkpoint")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a busy machine)")
+    parser.add_argument(
+        "--export-only", action="store_true", help="re-export the pipeline from the last checkpoint"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (1 is faster on a busy machine)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -380,7 +405,14 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         lr=args.lr,
     )
-    train_teacher(args.output, args.checkpoints, recipe, 60 * args.checkpoint_every_min, 60 * args.export_every_min, args.export_only)
+    train_teacher(
+        args.output,
+        args.checkpoints,
+        recipe,
+        60 * args.checkpoint_every_min,
+        60 * args.export_every_min,
+        args.export_only,
+    )
 
 
 if __name__ == "__main__":
