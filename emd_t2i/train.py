@@ -78,6 +78,11 @@ def step_rng(seed: int, rank: int, step: int, device: torch.device) -> torch.Gen
     return torch.Generator(device=device).manual_seed(state)
 
 
+def spread(items: list, n: int) -> list:
+    """n items evenly spaced through a list (validation prompts that cover a dataset, not its first lines)."""
+    return [items[i * len(items) // n] for i in range(n)] if len(items) > n else list(items)
+
+
 def batch_prompts(prompts: list[str], seed: int, step: int, rank: int, world: int, batch: int) -> list[str]:
     """The prompts of one (step, rank): consecutive slices of per-epoch permutations, so every prompt is seen
     once per epoch; the data position is a function of the step (nothing else to checkpoint)."""
@@ -221,7 +226,7 @@ def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None 
     prompts = load_prompts(cfg.prompts, column=cfg.prompt_column) if cfg.prompts else default_prompts(cfg)
     truncate_report(teacher.tokenizer, prompts)
     cache = EmbeddingCache(teacher.tokenizer, teacher.text_encoder)
-    validation_prompts = list(dict.fromkeys(prompts))[: cfg.num_validation_prompts]
+    validation_prompts = spread(list(dict.fromkeys(prompts)), cfg.num_validation_prompts)
 
     resume(run, run_dir)
     if accelerator.is_main_process and cfg.report_to != "none":

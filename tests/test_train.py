@@ -216,3 +216,10 @@ def test_bf16_gradient_checkpointing_and_accumulation_run_on_cpu(tiny_teacher_di
     assert log[0]["unet_rows_per_it"] == 2 * (4 * 2 + 2) * 2, "two micro-batches per iteration"
     weights = load_file(str(ckpt.latest_checkpoint(run) / "generator.safetensors"))
     assert all(v.dtype == torch.float32 for v in weights.values()), "LoRA weights must stay in float32"
+
+
+def test_validation_prompts_spread_over_the_dataset():
+    from emd_t2i.train import spread
+
+    assert spread(list(range(10)), 3) == [0, 3, 6]
+    assert spread([1, 2], 5) == [1, 2]
