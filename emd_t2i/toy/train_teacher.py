@@ -175,7 +175,7 @@ def train_vae(recipe: TeacherRecipe, ckpt_dir: Path, checkpoint_every_s: float) 
         state = torch.load(path, weights_only=False)
         vae.load_state_dict(state["vae"]), opt.load_state_dict(state["opt"])
         step = state["step"]
-    last_save, t0, running = time.time(), time.time(), None
+    last_save, t0, t0_step, running = time.time(), time.time(), step, None
     while step < recipe.vae_steps:
         # Per-step seeding from (seed, step): resuming replays exactly the data it would have seen.
         gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
@@ -193,9 +193,9 @@ def train_vae(recipe: TeacherRecipe, ckpt_dir: Path, checkpoint_every_s: float) 
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0:
             log(
-                f"vae step {step}/{recipe.vae_steps} loss {running:.4f} ({(time.time() - t0) / 50:.2f} s/step)"
+                f"vae step {step}/{recipe.vae_steps} loss {running:.4f} ({(time.time() - t0) / (step - t0_step):.2f} s/step)"
             )
-            t0 = time.time()
+            t0, t0_step = time.time(), step
         if time.time() - last_save > checkpoint_every_s or step == recipe.vae_steps:
             save_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, path)
             last_save = time.time()
@@ -340,6 +340,7 @@ def train_teacher(
     tokens, index = caption_table(clip_tokenizer())
     alphas_cumprod = sd_alphas_cumprod()
     last_save = last_export = t0 = time.time()
+    t0_step = step
     running = None
     while step < recipe.unet_steps:
         gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + 10**7 + step)
@@ -362,9 +363,9 @@ def train_teacher(
         running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
         if step % 100 == 0:
             log(
-                f"unet step {step}/{recipe.unet_steps} loss {running:.4f} ({(time.time() - t0) / 100:.3f} s/step)"
+                f"unet step {step}/{recipe.unet_steps} loss {running:.4f} ({(time.time() - t0) / (step - t0_step):.3f} s/step)"
             )
-            t0 = time.time()
+            t0, t0_step = time.time(), step
         if time.time() - last_save > checkpoint_every_s:
             checkpoint()
             last_save = time.time()
