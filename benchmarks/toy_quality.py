@@ -5,6 +5,7 @@ by the same code (`emd_t2i.train.distill`); the DMD baseline is EMD with K = 1, 
 (docs/ALGORITHM.md: that is exactly DMD's distribution-matching gradient).
 
     python benchmarks/toy_quality.py --n 240 --out benchmarks/results/toy_quality.json
+    python benchmarks/toy_quality.py --rows emd dmd --iterations 900   # longer students (resumes the 300 runs)
     python benchmarks/toy_quality.py --rows emd --set num_langevin_steps=4 --set gamma_eps=0.8   # a sweep point
 """
 
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=None, help="teacher guidance [default: the toy preset's]")
     parser.add_argument("--rows", nargs="+", default=["teacher25", "teacher50", "teacher1", "emd", "dmd"])
     parser.add_argument("--set", action="append", default=[], help="override a distill flag of the EMD row: KEY=VALUE")
+    parser.add_argument("--iterations", type=int, default=None, help="iterations of both students [default: preset]")
     parser.add_argument("--runs", type=Path, default=Path("runs/benchmarks"))
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     args = parser.parse_args()
@@ -69,6 +71,8 @@ def main() -> None:
             source = teacher_source(int(row[len("teacher"):]), guidance)
         else:
             overrides = DMD if row == "dmd" else emd_overrides
+            if args.iterations:  # a longer run on the same folder resumes the shorter one
+                overrides = {**overrides, "iterations": args.iterations}
             source, minutes, cfg = student_source(row, overrides, args.runs)
             extra = {"train_minutes": round(minutes, 1), "config": {k: v for k, v in cfg.to_dict().items()
                                                                       if k not in ("output", "prompts")}}
