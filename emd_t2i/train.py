@@ -115,7 +115,22 @@ def make_accelerator(cfg: DistillConfig, run_dir: Path):
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device}: no CUDA device is visible; use --device cpu")
     log_with = None if cfg.report_to == "none" else cfg.report_to
+    if _accelerator_state_differs(cfg.mixed_precision, cpu):
+        # accelerate keeps a process-wide singleton; a second run in the same process (a notebook, a sweep,
+        # the test suite) with another precision would be refused. The process group itself is kept.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu, log_with=log_with, project_dir=str(run_dir))
+
+
+def _accelerator_state_differs(mixed_precision: str, cpu: bool) -> bool:
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if not state:
+        return False
+    return state.get("_mixed_precision") != mixed_precision or (cpu and state.get("device", torch.device("cpu")).type != "cpu")
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:

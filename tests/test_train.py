@@ -223,3 +223,12 @@ def test_validation_prompts_spread_over_the_dataset():
 
     assert spread(list(range(10)), 3) == [0, 3, 6]
     assert spread([1, 2], 5) == [1, 2]
+
+
+def test_a_second_run_in_the_same_process_may_change_precision(tiny_teacher_dir, prompt_file, tmp_path):
+    """accelerate's state is a process-wide singleton; a sweep or notebook must still be able to switch precision."""
+    from emd_t2i.train import make_accelerator
+
+    for i, precision in enumerate(["no", "bf16", "no"]):
+        cfg = tiny_config(tiny_teacher_dir, prompt_file, tmp_path / str(i), mixed_precision=precision)
+        assert make_accelerator(cfg, tmp_path / str(i)).mixed_precision == precision
