@@ -7,6 +7,7 @@ Layout of a run folder:
     checkpoints/step-000100/         one complete checkpoint (written as .tmp-*, then renamed)
         generator.safetensors        peft-format LoRA state dict of the generator adapter
         fake_score.safetensors       the same for the fake score
+        generator_ema.safetensors    the EMA of the generator (with --ema-decay > 0): what is exported
         training_state.pt            optimizers, RNG states, step, data position
     export/                          what `emd-t2i export` writes
 """
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .roles import FAKE_SCORE, GENERATOR
 
+GENERATOR_EMA = "generator_ema"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -73,7 +75,15 @@ def save_checkpoint(
 
 
 def load_adapters(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: load_file(str(Path(ckpt) / f"{name}.safetensors")) for name in (GENERATOR, FAKE_SCORE)}
+    """The checkpoint's LoRA state dicts: generator, fake score, and the generator EMA when the run keeps one."""
+    names = (GENERATOR, FAKE_SCORE, GENERATOR_EMA)
+    return {name: load_file(str(path)) for name in names if (path := Path(ckpt) / f"{name}.safetensors").is_file()}
+
+
+def exported_generator(ckpt: Path) -> Path:
+    """The generator weights to export: the EMA when the run keeps one, else the raw weights."""
+    ema = Path(ckpt) / f"{GENERATOR_EMA}.safetensors"
+    return ema if ema.is_file() else Path(ckpt) / f"{GENERATOR}.safetensors"
 
 
 def load_training_state(ckpt: Path) -> dict[str, Any]:

@@ -57,6 +57,7 @@ class DistillConfig:
     fake_rank: int = _opt("LoRA rank of the fake score", default=64)
     target_modules: tuple[str, ...] = _opt("UNet modules that get LoRA", default=DEFAULT_TARGET_MODULES)
     max_grad_norm: float = _opt("gradient clipping (0 turns it off)", default=1.0)
+    ema_decay: float = _opt("EMA decay of the generator weights; the EMA is what is exported (0: off)", default=0.0)
     grad_accum: int = _opt("gradient accumulation steps", default=1)
     mixed_precision: str = _opt("no | fp16 | bf16 (frozen base in half precision, LoRA in fp32)", default="no")
     gradient_checkpointing: bool = _opt("recompute UNet activations in backward", default=False)
@@ -117,6 +118,8 @@ def _problems(c: DistillConfig):
     for name in ("generator_lr", "fake_lr"):
         if not getattr(c, name) > 0:
             yield f"{flag(name)} must be > 0 (got {getattr(c, name)})"
+    if not 0 <= c.ema_decay < 1:
+        yield f"--ema-decay must be in [0, 1) (0 turns the EMA off; got {c.ema_decay})"
     if c.gamma_eps > 2:
         yield f"--gamma-eps must be <= 2: (L1) contracts eps by (1 - gamma/2) per step (got {c.gamma_eps})"
     if not 0 <= c.t_min < c.t_max <= 999:

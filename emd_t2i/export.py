@@ -14,7 +14,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .checkpoint import checkpoint_dir, checkpoint_step, latest_checkpoint, list_checkpoints
+from .checkpoint import checkpoint_dir, checkpoint_step, exported_generator, latest_checkpoint, list_checkpoints
 from .config import DistillConfig
 from .errors import UserError
 from .roles import GENERATOR, load_adapter_state_dict, lora_config
@@ -195,7 +195,7 @@ def run_facts(cfg: DistillConfig, teacher_source: str, step: int, prediction_typ
     """What the exported weights say about themselves (model card, safetensors metadata, emd_t2i.json)."""
     emd = ("num_langevin_steps", "gamma_eps", "gamma_z", "noise_cancellation", "t_min", "t_max", "weighting",
            "fake_updates", "iterations", "batch_size", "generator_lr", "fake_lr", "generator_rank",
-           "fake_rank", "target_modules", "mixed_precision", "seed")
+           "fake_rank", "target_modules", "ema_decay", "mixed_precision", "seed")
     facts = {"version": __version__, "teacher": cfg.teacher, "teacher_source": teacher_source,
              "prediction_type": prediction_type, "t_star": cfg.t_star, "guidance_scale": cfg.guidance_scale,
              "step": step}
@@ -273,7 +273,7 @@ def export_run(
     _refuse_existing(output, overwrite)
     cfg = _load_config(run_dir)
     ckpt = _find_checkpoint(run_dir, checkpoint)
-    state = load_file(str(ckpt / f"{GENERATOR}.safetensors"))
+    state = load_file(str(exported_generator(ckpt)))
     teacher = load_teacher(cfg.teacher, load_vae="pipeline" in formats)
     config = lora_config(cfg.generator_rank, cfg.target_modules)
     _attach_generator(teacher.unet, state, config, run_dir, cfg.teacher)

@@ -148,6 +148,21 @@ def adapter_state_dict(unet: torch.nn.Module, adapter: str) -> dict[str, Tensor]
     return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=adapter).items()}
 
 
+@contextmanager
+def swapped_weights(params: list[torch.nn.Parameter], values: list[Tensor]):
+    """Temporarily give `params` other values (an EMA to save or sample), restoring them afterwards."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+
+
 def load_adapter_state_dict(unet: torch.nn.Module, adapter: str, state: dict[str, Tensor]) -> None:
     result = set_peft_model_state_dict(unet, state, adapter_name=adapter)
     unexpected = getattr(result, "unexpected_keys", [])

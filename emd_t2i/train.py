@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from .roles import (
     adapter_state_dict,
     add_roles,
     load_adapter_state_dict,
+    swapped_weights,
 )
 from .teachers import load_teacher
 
@@ -104,8 +106,28 @@ class Run:
     roles: Roles
     opt_generator: torch.optim.Optimizer
     opt_fake: torch.optim.Optimizer
+    ema: list[torch.Tensor] | None = None  # EMA of the generator LoRA weights, in adapter_parameters order
     step: int = 0
     bad_steps: int = 0
+
+    def generator_params(self) -> list[torch.nn.Parameter]:
+        return adapter_parameters(self.roles.unet, GENERATOR)
+
+    def exported_weights(self):
+        """The generator as it is exported: the EMA weights swapped in while the block runs (if kept)."""
+        return swapped_weights(self.generator_params(), self.ema) if self.ema is not None else nullcontext()
+
+
+def ema_decay_at(decay: float, step: int) -> float:
+    """The EMA decay at a step, warmed up as diffusers' EMAModel does so that the first weights fade quickly."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def update_ema(ema: list[torch.Tensor], params: list[torch.nn.Parameter], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * params."""
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            e.lerp_(p.detach(), 1 - decay)
 
 
 def make_accelerator(cfg: DistillConfig, run_dir: Path):
@@ -150,6 +172,9 @@ def save(run: Run, run_dir: Path, cfg: DistillConfig, accelerator) -> Path | Non
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
     adapters = {name: adapter_state_dict(unet, name) for name in (GENERATOR, FAKE_SCORE)}
+    if run.ema is not None:
+        with run.exported_weights():
+            adapters[ckpt.GENERATOR_EMA] = adapter_state_dict(unet, GENERATOR)
     return ckpt.save_checkpoint(run_dir, run.step, adapters, state, keep=cfg.keep_checkpoints,
                                 metadata={"step": str(run.step), "teacher": cfg.teacher})
 
@@ -158,8 +183,12 @@ def resume(run: Run, run_dir: Path) -> None:
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is None:
         return
-    for name, state in ckpt.load_adapters(latest).items():
-        load_adapter_state_dict(run.roles.unet, name, state)
+    adapters = ckpt.load_adapters(latest)
+    if run.ema is not None:  # the EMA goes through the generator adapter first, then the raw weights replace it
+        load_adapter_state_dict(run.roles.unet, GENERATOR, adapters.pop(ckpt.GENERATOR_EMA))
+        run.ema = [p.detach().clone() for p in run.generator_params()]
+    for name in (GENERATOR, FAKE_SCORE):
+        load_adapter_state_dict(run.roles.unet, name, adapters[name])
     state = ckpt.load_training_state(latest)
     run.opt_generator.load_state_dict(state["opt_generator"])
     run.opt_fake.load_state_dict(state["opt_fake"])
@@ -174,7 +203,7 @@ def validation_grid(run: Run, cache: EmbeddingCache, prompts: list[str], teacher
     device = next(run.roles.unet.parameters()).device
     shape = (teacher.latent_channels, teacher.latent_size, teacher.latent_size)
     z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))])
-    with torch.no_grad():
+    with torch.no_grad(), run.exported_weights():
         x0 = run.roles.generator(z.to(device), cache.get(prompts, device=device))
         run.roles.activate(None)
     images = to_pil(decode_latents(teacher.vae, x0, teacher.scaling_factor))
@@ -235,7 +264,7 @@ def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None 
     opt_g = torch.optim.AdamW(gen_params, lr=cfg.generator_lr, weight_decay=0.0)
     opt_f = torch.optim.AdamW(fake_params, lr=cfg.fake_lr, weight_decay=0.0)
     opt_g, opt_f = accelerator.prepare(opt_g, opt_f)
-    run = Run(roles, opt_g, opt_f)
+    run = Run(roles, opt_g, opt_f, ema=[p.detach().clone() for p in gen_params] if cfg.ema_decay > 0 else None)
 
     # Prompts, their embeddings (each encoded once), the null prompt for guidance.
     prompts = load_prompts(cfg.prompts, column=cfg.prompt_column) if cfg.prompts else default_prompts(cfg)
@@ -278,6 +307,8 @@ def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None 
                 stats["weight"] += g.weight_mean / cfg.grad_accum
                 stats["eps_tilde_rms"] += g.eps_tilde_rms / cfg.grad_accum
             stats["grad_norm_generator"] = clip_and_step(accelerator, opt_g, gen_params, cfg.max_grad_norm)
+            if run.ema is not None:
+                update_ema(run.ema, gen_params, ema_decay_at(cfg.ema_decay, run.step))
 
             # ---- fake-score updates (F1): the first on g(z_0) from the E-step, further ones on fresh samples
             for update in range(cfg.fake_updates):

@@ -11,7 +11,8 @@ from emd_t2i import checkpoint as ckpt
 from emd_t2i.cli import app
 from emd_t2i.config import DistillConfig
 from emd_t2i.errors import UserError
-from emd_t2i.train import batch_prompts, distill
+from emd_t2i.export import diffusers_state_dict, export_run
+from emd_t2i.train import batch_prompts, distill, ema_decay_at, update_ema
 
 PROMPTS = ["a cat", "a dog on a beach", "a red car at night", "an old castle", "a bowl of fruit"]
 
@@ -113,15 +114,15 @@ def test_gamma_z_zero_shares_the_generator_forward(tiny_teacher_dir, prompt_file
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_teacher_dir, prompt_file, tmp_path):
-    straight = distill(tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "straight"))
-    interrupted = tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "resumed")
+    straight = distill(tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "straight", ema_decay=0.9))
+    interrupted = tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "resumed", ema_decay=0.9)
     distill(interrupted, stop_after=2)
     assert ckpt.checkpoint_step(ckpt.latest_checkpoint(tmp_path / "resumed")) == 2
     distill(interrupted)  # the same command again continues from iteration 2 to 4
 
     a, b = ckpt.latest_checkpoint(straight), ckpt.latest_checkpoint(tmp_path / "resumed")
     assert a.name == b.name == "step-000004"
-    for name in ("generator", "fake_score"):
+    for name in ("generator", "fake_score", "generator_ema"):
         wa, wb = load_file(str(a / f"{name}.safetensors")), load_file(str(b / f"{name}.safetensors"))
         assert wa.keys() == wb.keys()
         for key in wa:
@@ -232,3 +233,24 @@ def test_a_second_run_in_the_same_process_may_change_precision(tiny_teacher_dir,
     for i, precision in enumerate(["no", "bf16", "no"]):
         cfg = tiny_config(tiny_teacher_dir, prompt_file, tmp_path / str(i), mixed_precision=precision)
         assert make_accelerator(cfg, tmp_path / str(i)).mixed_precision == precision
+
+
+def test_ema_update_and_warm_up():
+    ema, params = [torch.zeros(3)], [torch.nn.Parameter(torch.full((3,), 2.0))]
+    update_ema(ema, params, 0.75)
+    assert torch.allclose(ema[0], torch.full((3,), 0.5))  # 0.75 * 0 + 0.25 * 2
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1) and ema_decay_at(0.999, 10**6) == 0.999
+    assert ema_decay_at(0.5, 100) == 0.5
+
+
+def test_the_export_is_the_ema_of_the_generator(tiny_teacher_dir, prompt_file, tmp_path):
+    run = distill(tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "run", iterations=3, ema_decay=0.5,
+                              validate_every=0))
+    latest = ckpt.latest_checkpoint(run)
+    raw, ema = (load_file(str(latest / f"{name}.safetensors")) for name in ("generator", "generator_ema"))
+    assert raw.keys() == ema.keys()
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw), "the EMA is a copy of the raw weights"
+    exported = load_file(str(export_run(run, formats=("lora",)) / "pytorch_lora_weights.safetensors"))
+    expected = diffusers_state_dict(ema)
+    assert exported.keys() == expected.keys()
+    assert all(torch.equal(exported[k], expected[k]) for k in expected)
