@@ -14,8 +14,8 @@ from emd_t2i.config import DEFAULT_TARGET_MODULES
 from emd_t2i.roles import FAKE_SCORE, GENERATOR, Roles, add_roles
 from emd_t2i.schedule import sd_alphas_cumprod
 
-SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+SD15_UNET = {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8,
+             "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2}
 
 
 def timed(fn, repeat: int) -> float:

@@ -14,7 +14,13 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .checkpoint import checkpoint_dir, checkpoint_step, exported_generator, latest_checkpoint, list_checkpoints
+from .checkpoint import (
+    checkpoint_dir,
+    checkpoint_step,
+    exported_generator,
+    latest_checkpoint,
+    list_checkpoints,
+)
 from .config import DistillConfig
 from .errors import UserError
 from .roles import GENERATOR, load_adapter_state_dict, lora_config
