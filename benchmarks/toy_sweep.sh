@@ -1,23 +1,35 @@
 #!/usr/bin/env bash
 # The sweep behind the toy preset's defaults (docs/BENCHMARKS.md, "Sweep"). Each point trains one student with
-# benchmarks/toy_quality.py and writes benchmarks/results/sweep/NAME.json. Run a subset by naming points:
-#   bash benchmarks/toy_sweep.sh dmd_lr1e-3 emd_lr1e-3
-# DMD-mode points (K = 1, gamma_eps = 2, gamma_z = 0) cost a third of an EMD point, so learning rates and
-# fake-score updates were screened in DMD mode first and then confirmed with EMD.
+# benchmarks/toy_quality.py and evaluates it after each stage of its curve (a longer stage resumes the shorter
+# run, which is bit-identical to an uninterrupted one), writing benchmarks/results/sweep/NAME_ITERS.json.
+# One torch thread per point, so two points can share a 2-core machine. Run a subset by naming points:
+#   bash benchmarks/toy_sweep.sh emd_r64_f3 dmd_r64_f3
+# DMD-mode points (K = 1, gamma_eps = 2, gamma_z = 0) cost about a third of an EMD point at K = 4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DMD=(--set num_langevin_steps=1 --set gamma_eps=2.0 --set gamma_z=0.0)
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
+DMD="--set num_langevin_steps=1 --set gamma_eps=2.0 --set gamma_z=0.0"
+R64="--set generator_rank=64 --set fake_rank=64"
+# name -> "stages|flags"
 declare -A POINTS=(
-  [dmd_lr3e-4_600]="${DMD[*]} --set iterations=600"
-  [dmd_lr1e-3_600]="${DMD[*]} --set iterations=600 --set generator_lr=1e-3 --set fake_lr=1e-3"
-  [dmd_lr1e-3_f3_600]="${DMD[*]} --set iterations=600 --set generator_lr=1e-3 --set fake_lr=1e-3 --set fake_updates=3"
-  [dmd_lr3e-3_600]="${DMD[*]} --set iterations=600 --set generator_lr=3e-3 --set fake_lr=3e-3"
+  [dmd_lr3e-4]="600|$DMD"
+  [dmd_lr1e-3]="600|$DMD --set generator_lr=1e-3 --set fake_lr=1e-3"
+  [dmd_lr1e-3_f3]="600|$DMD --set generator_lr=1e-3 --set fake_lr=1e-3 --set fake_updates=3"
+  [dmd_lr3e-3]="600|$DMD --set generator_lr=3e-3 --set fake_lr=3e-3"
+  [dmd_r64]="600|$DMD $R64"
+  [dmd_r64_f3]="600|$DMD $R64 --set fake_updates=3"
+  [dmd_r64_f5_b16]="300 600|$DMD $R64 --set fake_updates=5 --set batch_size=16"
+  [emd_r64_f3]="200 400|$R64 --set fake_updates=3"
+  [emd_r64_f5_flr1e-3_ema]="200 400 600|$R64 --set fake_updates=5 --set fake_lr=1e-3 --set ema_decay=0.99"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")
 for name in "${names[@]}"; do
-  [ -f "benchmarks/results/sweep/$name.json" ] && { echo "skip $name (done)"; continue; }
-  # shellcheck disable=SC2086
-  python benchmarks/toy_quality.py --rows emd ${POINTS[$name]} --runs "runs/sweep/$name" \
-    --out "benchmarks/results/sweep/$name.json"
+  spec=${POINTS[$name]:?unknown point $name}
+  for n in ${spec%%|*}; do
+    out="benchmarks/results/sweep/${name}_$n.json"
+    [ -f "$out" ] && { echo "skip $out (done)"; continue; }
+    # shellcheck disable=SC2086
+    python benchmarks/toy_quality.py --rows emd ${spec#*|} --iterations "$n" --runs "runs/sweep/$name" --out "$out"
+  done
 done

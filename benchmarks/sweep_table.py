@@ -1,0 +1,40 @@
+"""Print the toy sweep (benchmarks/results/sweep/*.json, written by toy_sweep.sh) as the table in docs/BENCHMARKS.md.
+
+    python benchmarks/sweep_table.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SWEEP = Path(__file__).parent / "results" / "sweep"
+DEFAULTS = {"num_langevin_steps": 4, "gamma_eps": 0.5, "gamma_z": 0.03, "generator_lr": 3e-4, "fake_lr": 3e-4,
+            "generator_rank": 16, "fake_rank": 16, "fake_updates": 1, "batch_size": 32, "ema_decay": 0.0}
+SHORT = {"num_langevin_steps": "K", "generator_lr": "lr_g", "fake_lr": "lr_f", "generator_rank": "rank_g",
+         "fake_rank": "rank_f", "fake_updates": "f", "batch_size": "B", "ema_decay": "ema"}
+
+
+def changed(config: dict) -> str:
+    """The flags that differ from the old toy preset, in short form."""
+    return ", ".join(f"{SHORT.get(k, k)}={config.get(k, v)}" for k, v in DEFAULTS.items() if config.get(k, v) != v)
+
+
+def main() -> None:
+    rows = [(path.stem, json.loads(path.read_text())["emd"]) for path in SWEEP.glob("*.json")]
+    rows.sort(key=lambda row: (row[0].rsplit("_", 1)[0], row[1]["config"]["iterations"]))
+    minutes: dict[str, float] = {}  # a later stage resumed the earlier one: its minutes add up
+    print("| point | changed from the old preset | iterations | all three | colour | shape | diversity | Frechet | "
+          "train min (total) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows:
+        acc, cfg = r["prompt_accuracy"], r["config"]
+        point = name.rsplit("_", 1)[0]
+        minutes[point] = minutes.get(point, 0.0) + r["train_minutes"]
+        print(f"| {name} | {changed(cfg)} | {cfg['iterations']} | {acc['all']:.3f} | {acc['colour']:.3f} | "
+              f"{acc['shape']:.3f} | {r['diversity_ratio']['mean']:.2f} | {r['frechet_distance_to_real']:.1f} | "
+              f"{minutes[point]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
