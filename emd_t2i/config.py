@@ -42,6 +42,8 @@ class DistillConfig:
     gamma_eps: float = _opt("step size of the eps chain (L1)", default=0.5)
     gamma_z: float = _opt("step size of the z chain (L2); 0 keeps z fixed", default=0.03)
     noise_cancellation: bool = _opt("remove the injected eps-chain noise (NC1, NC2)", default=True)
+    cancel_initial_noise: bool = _opt("also cancel the rest of the initial eps_0 (NC0): less M-step variance",
+                                      default=False)
     t_star: int = _opt("generator timestep t* (G1)", default=999)
     t_min: int = _opt("smallest E-step timestep", default=20)
     t_max: int = _opt("largest E-step timestep", default=980)
@@ -118,6 +120,8 @@ def _problems(c: DistillConfig):
     for name in ("generator_lr", "fake_lr"):
         if not getattr(c, name) > 0:
             yield f"{flag(name)} must be > 0 (got {getattr(c, name)})"
+    if c.cancel_initial_noise and not c.noise_cancellation:
+        yield "--cancel-initial-noise extends noise cancellation: it needs --noise-cancellation"
     if not 0 <= c.ema_decay < 1:
         yield f"--ema-decay must be in [0, 1) (0 turns the EMA off; got {c.ema_decay})"
     if c.gamma_eps > 2:

@@ -54,6 +54,17 @@ def injected_noise_step(nu: Tensor, gamma_eps: float, noise: Tensor) -> Tensor:
     return (1 - 0.5 * gamma_eps) * nu + math.sqrt(gamma_eps) * noise
 
 
+def initial_noise(eps0: Tensor, cancel_initial: bool) -> Tensor:
+    """(NC0) nu_0: 0 as in (NC1), or eps_0 to also cancel what is left of the initial draw.
+
+    (L1) carries eps_0 into eps_K as (1 - gamma_eps/2)^K eps_0 (0.32 eps_0 at K = 4, gamma_eps = 0.5). Like the
+    injected noise it is independent of z when z does not move, so E[J(z)^T eps_0] = 0: it adds M-step variance
+    (times sigma_t/alpha_t, up to 12 at t = 980) and no signal. With K = 1, gamma_eps = 2 its factor is 0, so
+    the DMD reduction is unchanged.
+    """
+    return eps0.clone() if cancel_initial else torch.zeros_like(eps0)
+
+
 def cancel_noise(eps_k: Tensor, nu_k: Tensor) -> Tensor:
     """(NC2) eps_tilde = eps_K - nu_K."""
     return eps_k - nu_k
@@ -84,15 +95,17 @@ def e_step(
     noise_cancellation: bool = True,
     rng: torch.Generator | None = None,
     x0_initial: Tensor | None = None,
+    cancel_initial_noise: bool = False,
 ) -> EStepResult:
     """Reparametrised Langevin on (eps, z) toward pi_t (E0), K = `num_steps` steps of (E1, E2, L1, L2, NC1).
 
     Teacher and fake-score calls keep no graph. The generator keeps a graph only w.r.t. z, and only when
     gamma_z > 0; with gamma_z = 0 z never moves, so g(z_0) is computed once (or taken from `x0_initial`).
+    `cancel_initial_noise` starts (NC1) from nu_0 = eps_0 instead of 0 (docs/ALGORITHM.md, "NC0").
     """
     assert num_steps >= 1 and gamma_eps >= 0 and gamma_z >= 0
     alpha_t, sigma_t = alpha_sigma(alphas_cumprod, t, like=eps0)
-    z, eps, nu = z0, eps0, torch.zeros_like(eps0)
+    z, eps, nu = z0, eps0, initial_noise(eps0, noise_cancellation and cancel_initial_noise)
     moves_z = gamma_z > 0
     x0 = x0_initial
     first_x0 = x0_initial
@@ -183,6 +196,7 @@ def generator_step(
     noise_cancellation: bool = True,
     weighting: Weighting = "dmd",
     rng: torch.Generator | None = None,
+    cancel_initial_noise: bool = False,
 ) -> GeneratorStep:
     """E-step then the (M1) loss. With gamma_z = 0, z_K = z_0, so the one generator forward that carries the
     M-step graph also serves the whole E-step: (3K + 1) B forward rows instead of (4K + 1) B."""
@@ -191,6 +205,7 @@ def generator_step(
         generator, teacher_eps, fake_eps, z0, eps0, t, alphas_cumprod, num_steps, gamma_eps, gamma_z,
         noise_cancellation, rng,
         x0_initial=None if x0_with_graph is None else x0_with_graph.detach(),
+        cancel_initial_noise=cancel_initial_noise,
     )
     x0 = generator(result.z) if x0_with_graph is None else x0_with_graph
     if weighting == "dmd":

@@ -104,6 +104,7 @@ class Chain:
     gamma_z: float = 0.0
     noise_cancellation: bool = True
     weighting: emd.Weighting = "dmd"
+    cancel_initial_noise: bool = False
 
 
 def draw(batch: int, dim: int, rng: torch.Generator, t_min: int = 20, t_max: int = 980):
@@ -119,6 +120,7 @@ def step_loss(oracle: Oracle, chain: Chain, batch: int, dim: int, rng: torch.Gen
     return emd.generator_step(
         oracle.generator, oracle.teacher_eps, oracle.fake_eps, z0, eps0, t, oracle.alphas_cumprod,
         chain.num_steps, chain.gamma_eps, chain.gamma_z, chain.noise_cancellation, chain.weighting, rng,
+        chain.cancel_initial_noise,
     ).loss
 
 

@@ -299,7 +299,7 @@ def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None 
                 with accelerator.autocast():
                     g = generator_step(
                         generator, teacher_eps, fake_eps, z0, eps0, t, teacher.alphas_cumprod, cfg.num_langevin_steps, cfg.gamma_eps,
-                        cfg.gamma_z, cfg.noise_cancellation, cfg.weighting, rng,
+                        cfg.gamma_z, cfg.noise_cancellation, cfg.weighting, rng, cfg.cancel_initial_noise,
                     )
                 accelerator.backward(g.loss / cfg.grad_accum)
                 fake_samples.append((g.x0_sample, generator, fake_eps, rng))

@@ -254,3 +254,14 @@ def test_the_export_is_the_ema_of_the_generator(tiny_teacher_dir, prompt_file, t
     expected = diffusers_state_dict(ema)
     assert exported.keys() == expected.keys()
     assert all(torch.equal(exported[k], expected[k]) for k in expected)
+
+
+def test_every_config_field_is_a_distill_flag():
+    import dataclasses
+    import inspect
+
+    from emd_t2i import cli
+
+    flags = set(inspect.signature(cli.distill).parameters)
+    missing = [f.name for f in dataclasses.fields(DistillConfig) if f.name not in flags]
+    assert not missing, f"config fields without a --flag: {missing}"
