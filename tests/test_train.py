@@ -265,3 +265,33 @@ def test_every_config_field_is_a_distill_flag():
     flags = set(inspect.signature(cli.distill).parameters)
     missing = [f.name for f in dataclasses.fields(DistillConfig) if f.name not in flags]
     assert not missing, f"config fields without a --flag: {missing}"
+
+
+def test_training_leaves_the_teacher_untouched(tiny_teacher_dir, prompt_file, tmp_path, monkeypatch):
+    """After real iterations, adapters off is still the original UNet: base weights and output, bit for bit."""
+    from emd_t2i import train
+    from emd_t2i.roles import GENERATOR
+    from emd_t2i.teachers import load_teacher
+
+    used = {}
+
+    def capture(*args, **kwargs):
+        used["teacher"] = load_teacher(*args, **kwargs)
+        return used["teacher"]
+
+    monkeypatch.setattr(train, "load_teacher", capture)
+    distill(tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "run", iterations=3, validate_every=0))
+    unet = used["teacher"].unet
+    fresh = load_teacher(str(tiny_teacher_dir), load_vae=False).unet
+    trained_base = {n.replace(".base_layer", ""): p for n, p in unet.named_parameters() if "lora_" not in n}
+    for name, param in fresh.named_parameters():
+        assert torch.equal(trained_base[name], param), f"training changed base weight {name}"
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, cond = torch.tensor([10, 700]), torch.randn(2, 77, fresh.config.cross_attention_dim)
+    with torch.no_grad():
+        expected = fresh(x, t, encoder_hidden_states=cond).sample
+        unet.disable_adapters()
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=cond).sample, expected, rtol=0, atol=0)
+        unet.enable_adapters()
+        unet.set_adapter(GENERATOR)
+        assert (unet(x, t, encoder_hidden_states=cond).sample - expected).abs().max() > 1e-6, "generator never moved"
