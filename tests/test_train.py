@@ -41,6 +41,7 @@ def tiny_config(teacher, prompts, output, **overrides) -> DistillConfig:
         "checkpoint_every": 2,
         "num_validation_prompts": 3,
         "guidance_scale": 2.0,
+        "fake_updates": 1,
         "device": "cpu",
     }
     return DistillConfig(**{**base, **overrides})
@@ -68,6 +69,8 @@ def test_distill_through_the_cli_makes_a_complete_run_folder(tiny_teacher_dir, p
         "4",
         "--fake-rank",
         "4",
+        "--fake-updates",
+        "1",
         "--log-every",
         "1",
         "--validate-every",
