@@ -10,17 +10,22 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 DMD="--set num_langevin_steps=1 --set gamma_eps=2.0 --set gamma_z=0.0"
 R64="--set generator_rank=64 --set fake_rank=64"
+# The points below were run before the defaults changed (fake_updates 1, no NC0, rank 16, EMA off, fake lr 3e-4);
+# OLD pins those so the points mean what they meant. Later flags override earlier ones.
+OLD="--set fake_updates=1 --set cancel_initial_noise=false --set generator_rank=16 --set fake_rank=16 --set ema_decay=0.0 --set fake_lr=3e-4"
 # name -> "stages|flags"
 declare -A POINTS=(
-  [dmd_lr3e-4]="600|$DMD"
-  [dmd_lr1e-3]="600|$DMD --set generator_lr=1e-3 --set fake_lr=1e-3"
-  [dmd_lr1e-3_f3]="600|$DMD --set generator_lr=1e-3 --set fake_lr=1e-3 --set fake_updates=3"
-  [dmd_lr3e-3]="600|$DMD --set generator_lr=3e-3 --set fake_lr=3e-3"
-  [dmd_r64]="600|$DMD $R64"
-  [dmd_r64_f3]="600|$DMD $R64 --set fake_updates=3"
-  [dmd_r64_f5_b16]="300 600|$DMD $R64 --set fake_updates=5 --set batch_size=16"
-  [emd_r64_f3]="200 400|$R64 --set fake_updates=3"
-  [emd_r64_f5_flr1e-3_ema]="200 400 600|$R64 --set fake_updates=5 --set fake_lr=1e-3 --set ema_decay=0.99"
+  [dmd_lr3e-4]="600|$OLD $DMD"
+  [dmd_lr1e-3]="600|$OLD $DMD --set generator_lr=1e-3 --set fake_lr=1e-3"
+  [dmd_lr1e-3_f3]="600|$OLD $DMD --set generator_lr=1e-3 --set fake_lr=1e-3 --set fake_updates=3"
+  [dmd_lr3e-3]="600|$OLD $DMD --set generator_lr=3e-3 --set fake_lr=3e-3"
+  [dmd_r64]="600|$OLD $DMD $R64"
+  [dmd_r64_f3]="600|$OLD $DMD $R64 --set fake_updates=3"
+  [dmd_r64_f5_b16]="300 600|$OLD $DMD $R64 --set fake_updates=5 --set batch_size=16"
+  [emd_r64_f3]="200 400|$OLD $R64 --set fake_updates=3"
+  [emd_r64_f5_flr1e-3_ema]="200|$OLD $R64 --set fake_updates=5 --set fake_lr=1e-3 --set ema_decay=0.99"
+  [emd_r64_f5_flr1e-3_ema_nc0]="200 400 600|$OLD $R64 --set fake_updates=5 --set fake_lr=1e-3 --set ema_decay=0.99 --set cancel_initial_noise=true"
+  [emd_r64_f3_lr1e-3_ema_nc0]="200 400|$OLD $R64 --set fake_updates=3 --set generator_lr=1e-3 --set fake_lr=1e-3 --set ema_decay=0.99 --set cancel_initial_noise=true"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")
