@@ -17,9 +17,11 @@ DEFAULT_TARGET_MODULES = (
 MIXED_PRECISION = ("no", "fp16", "bf16")
 WEIGHTINGS = ("dmd", "none")
 REPORT_TO = ("none", "tensorboard", "wandb")
-# Fields that may change when a run is resumed with the same output folder (they do not change the math).
+# Fields that may change when a run is resumed (they do not change the math); `output` too, so that a run folder
+# moved to another disk resumes from where it now is.
 RESUMABLE_FIELDS = frozenset(
-    {"iterations", "checkpoint_every", "keep_checkpoints", "validate_every", "log_every", "report_to", "device"}
+    {"output", "iterations", "checkpoint_every", "keep_checkpoints", "validate_every", "log_every", "report_to",
+     "device"}
 )
 
 

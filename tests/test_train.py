@@ -298,3 +298,15 @@ def test_training_leaves_the_teacher_untouched(tiny_teacher_dir, prompt_file, tm
         unet.enable_adapters()
         unet.set_adapter(GENERATOR)
         assert (unet(x, t, encoder_hidden_states=cond).sample - expected).abs().max() > 1e-6, "generator never moved"
+
+
+def test_a_moved_run_folder_resumes(tiny_teacher_dir, prompt_file, tmp_path):
+    import shutil
+
+    distill(tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "here", validate_every=0), stop_after=2)
+    shutil.move(str(tmp_path / "here"), str(tmp_path / "there"))
+    moved = distill(tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "there", validate_every=0))
+    assert [p.name for p in ckpt.list_checkpoints(moved)][-1] == "step-000004"
+    steps = [json.loads(line)["step"] for line in (moved / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4], "the moved run started over instead of resuming"
+    assert DistillConfig.load(moved / "config.json").output == str(tmp_path / "there")
