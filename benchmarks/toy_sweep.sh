@@ -24,8 +24,14 @@ declare -A POINTS=(
   [dmd_r64_f5_b16]="300 600|$OLD $DMD $R64 --set fake_updates=5 --set batch_size=16"
   [emd_r64_f3]="200 400|$OLD $R64 --set fake_updates=3"
   [emd_r64_f5_flr1e-3_ema]="200|$OLD $R64 --set fake_updates=5 --set fake_lr=1e-3 --set ema_decay=0.99"
-  [emd_r64_f5_flr1e-3_ema_nc0]="200 400 600|$OLD $R64 --set fake_updates=5 --set fake_lr=1e-3 --set ema_decay=0.99 --set cancel_initial_noise=true"
+  [emd_r64_f5_flr1e-3_ema_nc0]="200 400 600 800|$OLD $R64 --set fake_updates=5 --set fake_lr=1e-3 --set ema_decay=0.99 --set cancel_initial_noise=true"
   [emd_r64_f3_lr1e-3_ema_nc0]="200 400|$OLD $R64 --set fake_updates=3 --set generator_lr=1e-3 --set fake_lr=1e-3 --set ema_decay=0.99 --set cancel_initial_noise=true"
+  # One EMD knob at a time from the current toy preset (its own 400-iteration point is emd_r64_f5_flr1e-3_ema_nc0_400).
+  [preset_gz0]="400|--set gamma_z=0.0"
+  [preset_gz0.1]="400|--set gamma_z=0.1"
+  [preset_gz0.05]="400|--set gamma_z=0.05"
+  [preset_k8]="400|--set num_langevin_steps=8"
+  [preset_geps1]="400|--set gamma_eps=1.0"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")
