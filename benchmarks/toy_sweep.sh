@@ -32,6 +32,7 @@ declare -A POINTS=(
   [preset_gz0.05]="400|--set gamma_z=0.05"
   [preset_k8]="400|--set num_langevin_steps=8"
   [preset_geps1]="400|--set gamma_eps=1.0"
+  [preset_wnone]="400|--set weighting=\"none\""
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")
