@@ -33,6 +33,8 @@ declare -A POINTS=(
   [preset_k8]="400|--set num_langevin_steps=8"
   [preset_geps1]="400|--set gamma_eps=1.0"
   [preset_wnone]="400|--set weighting=\"none\""
+  [preset_cfg5]="400|--set guidance_scale=5.0"
+  [preset_flr3e-4]="400|--set fake_lr=3e-4"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")
