@@ -34,6 +34,7 @@ declare -A POINTS=(
   [preset_geps1]="400|--set gamma_eps=1.0"
   [preset_wnone]="400|--set weighting=\"none\""
   [preset_cfg5]="400|--set guidance_scale=5.0"
+  [preset_cfg2]="400|--set guidance_scale=2.0"
   [preset_flr3e-4]="400|--set fake_lr=3e-4"
 )
 names=("$@")
