@@ -199,9 +199,9 @@ def _find_checkpoint(run_dir: Path, checkpoint: str | Path | int | None) -> Path
 
 def run_facts(cfg: DistillConfig, teacher_source: str, step: int, prediction_type: str) -> dict:
     """What the exported weights say about themselves (model card, safetensors metadata, emd_t2i.json)."""
-    emd = ("num_langevin_steps", "gamma_eps", "gamma_z", "noise_cancellation", "cancel_initial_noise", "t_min", "t_max", "weighting",
-           "fake_updates", "iterations", "batch_size", "generator_lr", "fake_lr", "generator_rank",
-           "fake_rank", "target_modules", "ema_decay", "mixed_precision", "seed")
+    emd = ("num_langevin_steps", "gamma_eps", "gamma_z", "noise_cancellation", "cancel_initial_noise",
+           "t_min", "t_max", "weighting", "fake_updates", "iterations", "batch_size", "generator_lr",
+           "fake_lr", "generator_rank", "fake_rank", "target_modules", "ema_decay", "mixed_precision", "seed")
     facts = {"version": __version__, "teacher": cfg.teacher, "teacher_source": teacher_source,
              "prediction_type": prediction_type, "t_star": cfg.t_star, "guidance_scale": cfg.guidance_scale,
              "step": step}

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import DistillConfig
+from .ema import ema_decay_at, update_ema
 from .emd import fake_score_step, generator_step, sample_timesteps
 from .errors import UserError
 from .images import decode_latents, make_grid, to_pil
@@ -116,18 +117,6 @@ class Run:
     def exported_weights(self):
         """The generator as it is exported: the EMA weights swapped in while the block runs (if kept)."""
         return swapped_weights(self.generator_params(), self.ema) if self.ema is not None else nullcontext()
-
-
-def ema_decay_at(decay: float, step: int) -> float:
-    """The EMA decay at a step, warmed up as diffusers' EMAModel does so that the first weights fade quickly."""
-    return min(decay, (1 + step) / (10 + step))
-
-
-def update_ema(ema: list[torch.Tensor], params: list[torch.nn.Parameter], decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * params."""
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            e.lerp_(p.detach(), 1 - decay)
 
 
 def make_accelerator(cfg: DistillConfig, run_dir: Path):

@@ -10,9 +10,10 @@ from typer.testing import CliRunner
 from emd_t2i import checkpoint as ckpt
 from emd_t2i.cli import app
 from emd_t2i.config import DistillConfig
+from emd_t2i.ema import ema_decay_at, update_ema
 from emd_t2i.errors import UserError
 from emd_t2i.export import diffusers_state_dict, export_run
-from emd_t2i.train import batch_prompts, distill, ema_decay_at, update_ema
+from emd_t2i.train import batch_prompts, distill
 
 PROMPTS = ["a cat", "a dog on a beach", "a red car at night", "an old castle", "a bowl of fruit"]
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from emd_t2i.ema import ema_decay_at, update_ema
 from emd_t2i.schedule import alpha_sigma, forward_noise, sd_alphas_cumprod
 from emd_t2i.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer
 from emd_t2i.toy import domain
@@ -250,12 +251,6 @@ def min_snr_weight(alpha_t: torch.Tensor, sigma_t: torch.Tensor, gamma: float) -
     return snr.clamp(max=gamma) / snr
 
 
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
-
-
 def diffusion_loss(
     batch: dict, text_encoder, unet, alphas_cumprod, recipe: TeacherRecipe, gen
 ) -> torch.Tensor:
@@ -358,8 +353,9 @@ def train_teacher(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        decay = min(recipe.ema_decay, (1 + step) / (10 + step))
-        ema_update(ema_text, text_encoder, decay), ema_update(ema_unet, unet, decay)
+        decay = ema_decay_at(recipe.ema_decay, step)
+        update_ema(ema_text.parameters(), text_encoder.parameters(), decay)
+        update_ema(ema_unet.parameters(), unet.parameters(), decay)
         running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
         if step % 100 == 0:
             log(
