@@ -36,6 +36,10 @@ declare -A POINTS=(
   [preset_cfg5]="400|--set guidance_scale=5.0"
   [preset_cfg2]="400|--set guidance_scale=2.0"
   [preset_flr3e-4]="400|--set fake_lr=3e-4"
+  [preset_tstar700]="400|--set t_star=700"
+  [preset_tstar500]="400|--set t_star=500"
+  [preset_tstar800]="400|--set t_star=800"
+  [preset_tstar600]="400|--set t_star=600"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")
