@@ -7,6 +7,7 @@ by the same code (`emd_t2i.train.distill`); the DMD baseline is EMD with K = 1, 
     python benchmarks/toy_quality.py --n 240 --out benchmarks/results/toy_quality.json
     python benchmarks/toy_quality.py --rows emd dmd --iterations 900   # longer students (resumes the 300 runs)
     python benchmarks/toy_quality.py --rows emd --set num_langevin_steps=4 --set gamma_eps=0.8   # a sweep point
+    python benchmarks/toy_quality.py --rows teacher1 emd dmd --keep --out X.json   # keep X.json's other rows
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from emd_t2i.train import distill
 DMD = {"num_langevin_steps": 1, "gamma_eps": 2.0, "gamma_z": 0.0, "noise_cancellation": True}
 
 
-def teacher_source(steps: int, guidance: float):
+def teacher_source(steps: int, guidance: float, t_star: int):
     pipe = metrics.load_teacher(TOY_TEACHER_DIR)
-    if steps == 1:  # the teacher's own one-step x0-prediction at t* = 999 (what the student starts from)
-        pipe.scheduler = one_step_scheduler(dict(pipe.scheduler.config), 999, "epsilon")
+    if steps == 1:  # the teacher's own one-step x0-prediction at t* (G1 with the teacher's weights: the student's start)
+        pipe.scheduler = one_step_scheduler(dict(pipe.scheduler.config), t_star, "epsilon")
     return lambda prompts, seed: metrics.sample_teacher(pipe, prompts, steps, guidance, seed)
 
 
@@ -59,16 +60,19 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=None, help="iterations of both students [default: preset]")
     parser.add_argument("--runs", type=Path, default=Path("runs/benchmarks"))
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the rows of --out that --rows does not recompute")
     args = parser.parse_args()
-    guidance = args.guidance or build_config(teacher="toy").guidance_scale
+    preset = build_config(teacher="toy")
+    guidance = args.guidance or preset.guidance_scale
     emd_overrides = parse_sets(args.set)
 
-    results = {}
+    results = json.loads(args.out.read_text()) if args.keep and args.out and args.out.exists() else {}
     for row in args.rows:
         start = time.time()
-        extra = {}
         if row.startswith("teacher"):
-            source = teacher_source(int(row[len("teacher"):]), guidance)
+            steps = int(row[len("teacher"):])
+            source = teacher_source(steps, guidance, preset.t_star)
+            extra = {"guidance_scale": guidance, **({"t_star": preset.t_star} if steps == 1 else {})}
         else:
             overrides = DMD if row == "dmd" else emd_overrides
             if args.iterations:  # a longer run on the same folder resumes the shorter one

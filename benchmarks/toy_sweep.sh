@@ -38,8 +38,9 @@ declare -A POINTS=(
   [preset_flr3e-4]="400|--set fake_lr=3e-4"
   [preset_tstar700]="400|--set t_star=700"
   [preset_tstar500]="400|--set t_star=500"
-  [preset_tstar800]="400|--set t_star=800"
+  [preset_tstar800]="400 800|--set t_star=800"
   [preset_tstar600]="400|--set t_star=600"
+  [preset_tstar900]="400|--set t_star=900"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")
