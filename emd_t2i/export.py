@@ -285,6 +285,8 @@ def export_run(
     _attach_generator(teacher.unet, state, config, run_dir, cfg.teacher)
     facts = run_facts(cfg, _teacher_source(teacher.source), checkpoint_step(ckpt), teacher.prediction_type)
     scheduler = one_step_scheduler(dict(teacher.scheduler.config), cfg.t_star, teacher.prediction_type)
+    alpha_bar = float(scheduler.alphas_cumprod[cfg.t_star])  # k-diffusion UIs name the start by its sigma
+    facts["sigma_t_star"] = round(((1 - alpha_bar) / alpha_bar) ** 0.5, 4)
 
     tmp = output.with_name(f".tmp-{output.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -383,8 +385,10 @@ def model_card(facts: dict, formats: tuple[str, ...], output: Path, evaluation: 
     if "lora" in formats:
         parts += ["The teacher plus the LoRA:\n", f"```python\n{snippets['lora']}```\n"]
     if "kohya" in formats:
+        start = f"timestep {facts['t_star']}" + (", the last one" if facts["t_star"] == 999 else ", not the last")
+        start += f" (k-diffusion sigma {facts['sigma_t_star']})"
         parts += [(f"AUTOMATIC1111 / ComfyUI: put `{KOHYA_FILE}` in the LoRA folder, use weight 1.0, 1 step, "
-                   "CFG 1, and a sampler whose single step starts at the last timestep (untested here; the "
+                   f"CFG 1, and a sampler whose single step starts at {start} (untested here; the "
                    "diffusers code above is the reference).\n")]
     parts += ["## Evaluation\n", _eval_section(evaluation) + "\n"]
     return "\n".join(parts)

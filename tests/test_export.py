@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -24,6 +25,7 @@ from emd_t2i.export import (
     KOHYA_FILE,
     LORA_FILE,
     PIPELINE_DIR,
+    SCHEDULER_DIR,
     export_run,
     loading_snippets,
 )
@@ -231,6 +233,11 @@ def test_metadata_describes_the_run(exported):
         assert f.metadata()["ss_network_dim"] == str(RANK)
     facts = json.loads((export / FACTS_FILE).read_text())
     assert facts["t_star"] == cfg.t_star and facts["formats"] == ["lora", "pipeline", "kohya"]
+    alpha_bar = float(DDIMScheduler.from_pretrained(export / SCHEDULER_DIR).alphas_cumprod[cfg.t_star])
+    assert facts["sigma_t_star"] == pytest.approx(((1 - alpha_bar) / alpha_bar) ** 0.5, abs=1e-4)
+    start = "the last one" if cfg.t_star == 999 else "not the last"  # what a ComfyUI / A1111 user must set
+    assert f"starts at timestep {cfg.t_star}, {start} (k-diffusion sigma {facts['sigma_t_star']})" in (
+        export / "README.md").read_text()
     assert not (export / PIPELINE_DIR / "safety_checker").exists()
     assert list((export / PIPELINE_DIR / "unet").glob("*.safetensors"))
 
