@@ -80,10 +80,10 @@ def load_adapters(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {name: load_file(str(path)) for name in names if (path := Path(ckpt) / f"{name}.safetensors").is_file()}
 
 
-def exported_generator(ckpt: Path) -> Path:
-    """The generator weights to export: the EMA when the run keeps one, else the raw weights."""
+def exported_generator(ckpt: Path, raw: bool = False) -> Path:
+    """The generator weights to export: the EMA when the run keeps one (unless `raw`), else the raw weights."""
     ema = Path(ckpt) / f"{GENERATOR_EMA}.safetensors"
-    return ema if ema.is_file() else Path(ckpt) / f"{GENERATOR}.safetensors"
+    return ema if ema.is_file() and not raw else Path(ckpt) / f"{GENERATOR}.safetensors"
 
 
 def load_training_state(ckpt: Path) -> dict[str, Any]:

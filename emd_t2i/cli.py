@@ -185,13 +185,14 @@ def export(
     format: Annotated[list[str] | None, typer.Option("--format", help="lora | pipeline | kohya | all (repeatable)")] = None,
     checkpoint: Annotated[str | None, typer.Option(help="step number or checkpoint folder [default: latest]")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing export folder")] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="the raw generator weights, not their EMA")] = False,
 ):
     """Export a run: diffusers LoRA, a one-step diffusers pipeline folder, a kohya LoRA, and a model card."""
     from .export import FORMATS, export_run
 
     formats = tuple(FORMATS) if not format or "all" in format else tuple(format)
     step = int(checkpoint) if checkpoint and checkpoint.isdigit() else checkpoint
-    path = export_run(run_dir, output=output, formats=formats, overwrite=overwrite, checkpoint=step)
+    path = export_run(run_dir, output=output, formats=formats, overwrite=overwrite, checkpoint=step, raw=raw)
     typer.echo(f"exported to {path}")
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .checkpoint import (
+    GENERATOR_EMA,
     checkpoint_dir,
     checkpoint_step,
     exported_generator,
@@ -268,8 +269,10 @@ def export_run(
     formats: tuple[str, ...] = FORMATS,
     overwrite: bool = False,
     checkpoint: str | Path | int | None = None,
+    raw: bool = False,
 ) -> Path:
-    """Export the generator of a run's latest (or given) checkpoint into `output` (default run_dir/export).
+    """Export the generator of a run's latest (or given) checkpoint into `output` (default run_dir/export):
+    its EMA weights when the run keeps an EMA, its raw weights when it does not or `raw` is set.
 
     Written into a hidden sibling folder and renamed into place, so `output` is either complete or absent.
     """
@@ -279,11 +282,13 @@ def export_run(
     _refuse_existing(output, overwrite)
     cfg = _load_config(run_dir)
     ckpt = _find_checkpoint(run_dir, checkpoint)
-    state = load_file(str(exported_generator(ckpt)))
+    weights = exported_generator(ckpt, raw)
+    state = load_file(str(weights))
     teacher = load_teacher(cfg.teacher, load_vae="pipeline" in formats)
     config = lora_config(cfg.generator_rank, cfg.target_modules)
     _attach_generator(teacher.unet, state, config, run_dir, cfg.teacher)
     facts = run_facts(cfg, _teacher_source(teacher.source), checkpoint_step(ckpt), teacher.prediction_type)
+    facts["generator_weights"] = "ema" if weights.stem == GENERATOR_EMA else "raw"
     scheduler = one_step_scheduler(dict(teacher.scheduler.config), cfg.t_star, teacher.prediction_type)
     alpha_bar = float(scheduler.alphas_cumprod[cfg.t_star])  # k-diffusion UIs name the start by its sigma
     facts["sigma_t_star"] = round(((1 - alpha_bar) / alpha_bar) ** 0.5, 4)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from emd_t2i.checkpoint import save_checkpoint
 from emd_t2i.config import DEFAULT_TARGET_MODULES, DistillConfig
@@ -257,6 +257,23 @@ def test_eval_json_goes_into_the_card(plain_run, tmp_path):
     card = (export / "README.md").read_text()
     assert "| fid | 12.5 |" in card and "| clip_score.mean | 0.31 |" in card
     assert not (export / PIPELINE_DIR).exists() and not (export / KOHYA_FILE).exists()
+
+
+def test_export_takes_the_ema_unless_raw(plain_run, tmp_path):
+    run = _copy_run(plain_run, tmp_path)
+    ckpt = run / "checkpoints" / "step-000010"
+    raw = load_file(str(ckpt / f"{GENERATOR}.safetensors"))
+    save_file({k: 0.5 * v for k, v in raw.items()}, str(ckpt / "generator_ema.safetensors"))
+
+    def lora_abs_sum(export: Path) -> float:
+        return sum(float(v.abs().sum()) for v in load_file(str(export / LORA_FILE)).values())
+
+    ema = export_run(run, output=tmp_path / "ema", formats=("lora",))
+    plain = export_run(run, output=tmp_path / "raw", formats=("lora",), raw=True)
+    assert lora_abs_sum(ema) == pytest.approx(0.5 * lora_abs_sum(plain), rel=1e-6)
+    assert lora_abs_sum(plain) == pytest.approx(sum(float(v.abs().sum()) for v in raw.values()), rel=1e-6)
+    assert json.loads((ema / FACTS_FILE).read_text())["generator_weights"] == "ema"
+    assert json.loads((plain / FACTS_FILE).read_text())["generator_weights"] == "raw"
 
 
 def test_existing_export_is_refused_unless_overwrite(plain_run, tmp_path):
