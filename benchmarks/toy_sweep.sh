@@ -45,9 +45,6 @@ declare -A POINTS=(
   [tstar800_lrg1e-3]="400 800|--set t_star=800 --set generator_lr=1e-3"
   [tstar800_gz0.05]="400|--set t_star=800 --set gamma_z=0.05"
   [tstar800_lrg2e-3]="400|--set t_star=800 --set generator_lr=2e-3"
-  # Twice the updates at half the batch: about the compute of the 400-iteration preset
-  [tstar800_lrg1e-3_b16]="400 800|--set t_star=800 --set generator_lr=1e-3 --set batch_size=16"
-  [tstar800_lrg2e-3_b16]="400 800|--set t_star=800 --set generator_lr=2e-3 --set batch_size=16"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")
