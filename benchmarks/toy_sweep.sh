@@ -44,7 +44,7 @@ declare -A POINTS=(
   # From t* = 800: G1 amplifies a change of the eps output by sigma/alpha = 5.1 instead of 14.6 at t* = 999
   [tstar800_lrg1e-3]="400 800|--set t_star=800 --set generator_lr=1e-3"
   [tstar800_gz0.05]="400|--set t_star=800 --set gamma_z=0.05"
-  [tstar800_lrg2e-3]="400|--set t_star=800 --set generator_lr=2e-3"
+  [tstar800_lrg2e-3]="400 800|--set t_star=800 --set generator_lr=2e-3"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")
