@@ -26,6 +26,7 @@ from emd_t2i.prompts import EmbeddingCache
 from emd_t2i.roles import GENERATOR, TEACHER, Roles, adapter_parameters, add_roles
 from emd_t2i.teachers import load_teacher
 from emd_t2i.toy.domain import all_captions
+from emd_t2i.toy.metrics import prompt_accuracy
 
 
 @torch.no_grad()
@@ -73,8 +74,7 @@ def main() -> None:
                                     cache.null_embedding().expand_as(cond), 25))
     targets = torch.cat(targets)
     target_seconds = time.time() - start
-    from emd_t2i.toy.metrics import prompt_accuracy  # the targets must be teacher-quality samples
-    check = min(args.pairs, 480)
+    check = min(args.pairs, 480)  # the targets must be teacher-quality samples
     targets_accuracy = prompt_accuracy(decode_latents(teacher.vae, targets[:check], teacher.scaling_factor),
                                        prompts[:check])
     print(json.dumps({"targets_accuracy": targets_accuracy}), flush=True)

@@ -15,7 +15,7 @@ from diffusers import DDIMScheduler
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from emd_t2i.checkpoint import save_checkpoint
+from emd_t2i.checkpoint import GENERATOR_EMA, save_checkpoint
 from emd_t2i.config import DEFAULT_TARGET_MODULES, DistillConfig
 from emd_t2i.errors import UserError
 from emd_t2i.export import (
@@ -263,7 +263,7 @@ def test_export_takes_the_ema_unless_raw(plain_run, tmp_path):
     run = _copy_run(plain_run, tmp_path)
     ckpt = run / "checkpoints" / "step-000010"
     raw = load_file(str(ckpt / f"{GENERATOR}.safetensors"))
-    save_file({k: 0.5 * v for k, v in raw.items()}, str(ckpt / "generator_ema.safetensors"))
+    save_file({k: 0.5 * v for k, v in raw.items()}, str(ckpt / f"{GENERATOR_EMA}.safetensors"))
 
     def lora_abs_sum(export: Path) -> float:
         return sum(float(v.abs().sum()) for v in load_file(str(export / LORA_FILE)).values())
