@@ -11,10 +11,12 @@ from pathlib import Path
 SWEEP = Path(__file__).parent / "results" / "sweep"
 DEFAULTS = {"num_langevin_steps": 4, "gamma_eps": 0.5, "gamma_z": 0.03, "generator_lr": 3e-4, "fake_lr": 3e-4,
             "generator_rank": 16, "fake_rank": 16, "fake_updates": 1, "batch_size": 32, "ema_decay": 0.0,
-            "cancel_initial_noise": False, "weighting": "dmd", "guidance_scale": 3.0, "t_star": 999}
+            "cancel_initial_noise": False, "weighting": "dmd", "guidance_scale": 3.0, "t_star": 999,
+            "lr_schedule": "constant"}
 SHORT = {"num_langevin_steps": "K", "generator_lr": "lr_g", "fake_lr": "lr_f", "generator_rank": "rank_g",
          "fake_rank": "rank_f", "fake_updates": "f", "batch_size": "B", "ema_decay": "ema",
-         "cancel_initial_noise": "nc0", "guidance_scale": "cfg", "t_star": "t*"}
+         "cancel_initial_noise": "nc0", "guidance_scale": "cfg", "t_star": "t*",
+         "lr_schedule": "lr"}
 
 
 def changed(config: dict) -> str:

@@ -45,6 +45,10 @@ declare -A POINTS=(
   [tstar800_lrg1e-3]="400 800|--set t_star=800 --set generator_lr=1e-3"
   [tstar800_gz0.05]="400|--set t_star=800 --set gamma_z=0.05"
   [tstar800_lrg2e-3]="400 800|--set t_star=800 --set generator_lr=2e-3"
+  # From the t* = 800, generator lr 1e-3 preset (emd_t2i/config.py), toward the quickstart's 15 minutes
+  [toy_gz0]="400 600 800|--set gamma_z=0.0"
+  [toy_cos_lrg2e-3]="400|--set lr_schedule=\"cosine\" --set generator_lr=2e-3"
+  [toy_cos_lrg2e-3_gz0]="500|--set lr_schedule=\"cosine\" --set generator_lr=2e-3 --set gamma_z=0.0"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")

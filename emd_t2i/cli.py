@@ -81,6 +81,7 @@ def distill(
     batch_size: Annotated[int | None, opt("batch_size", OPTIM)] = None,
     generator_lr: Annotated[float | None, opt("generator_lr", OPTIM)] = None,
     fake_lr: Annotated[float | None, opt("fake_lr", OPTIM)] = None,
+    lr_schedule: Annotated[str | None, opt("lr_schedule", OPTIM)] = None,
     generator_rank: Annotated[int | None, opt("generator_rank", OPTIM)] = None,
     fake_rank: Annotated[int | None, opt("fake_rank", OPTIM)] = None,
     target_modules: Annotated[str | None, opt("target_modules", OPTIM)] = None,

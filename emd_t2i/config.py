@@ -16,6 +16,7 @@ DEFAULT_TARGET_MODULES = (
 )
 MIXED_PRECISION = ("no", "fp16", "bf16")
 WEIGHTINGS = ("dmd", "none")
+LR_SCHEDULES = ("constant", "cosine")
 REPORT_TO = ("none", "tensorboard", "wandb")
 # Fields that may change when a run is resumed (they do not change the math); `output` too, so that a run folder
 # moved to another disk resumes from where it now is.
@@ -57,6 +58,8 @@ class DistillConfig:
     batch_size: int = _opt("samples per iteration and process", default=4)
     generator_lr: float = _opt("learning rate of the generator LoRA", default=1e-4)
     fake_lr: float = _opt("learning rate of the fake-score LoRA", default=1e-4)
+    lr_schedule: str = _opt("constant | cosine (both learning rates decay to 0 over --iterations)",
+                            default="constant")
     generator_rank: int = _opt("LoRA rank of the generator", default=64)
     fake_rank: int = _opt("LoRA rank of the fake score", default=64)
     target_modules: tuple[str, ...] = _opt("UNet modules that get LoRA", default=DEFAULT_TARGET_MODULES)
@@ -103,7 +106,8 @@ class DistillConfig:
     def differences(self, other: DistillConfig) -> list[str]:
         """Flags whose values differ and that would change the run's math (so resuming is refused)."""
         mine, theirs = self.to_dict(), other.to_dict()
-        return [flag(k) for k in mine if k not in RESUMABLE_FIELDS and mine[k] != theirs[k]]
+        resumable = RESUMABLE_FIELDS if self.lr_schedule == "constant" else RESUMABLE_FIELDS - {"iterations"}
+        return [flag(k) for k in mine if k not in resumable and mine[k] != theirs[k]]
 
 
 def flag(name: str) -> str:
@@ -132,6 +136,8 @@ def _problems(c: DistillConfig):
         yield f"--t-star must be in 1..999 (got {c.t_star})"
     if c.guidance_scale < 1:
         yield f"--guidance-scale must be >= 1 (1 = no guidance; got {c.guidance_scale})"
+    if c.lr_schedule not in LR_SCHEDULES:
+        yield f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {c.lr_schedule!r})"
     if c.weighting not in WEIGHTINGS:
         yield f"--weighting must be one of {', '.join(WEIGHTINGS)} (got {c.weighting!r})"
     if c.mixed_precision not in MIXED_PRECISION:

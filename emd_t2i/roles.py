@@ -47,6 +47,7 @@ class Roles:
         self.prediction_type = prediction_type
         self.t_star = t_star
         self.guidance_scale = guidance_scale
+        self.dtype = unet.dtype  # of the frozen base; read once (diffusers walks every parameter to find it)
         self._lora_layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
         self._lora_params = [p for n, p in unet.named_parameters() if "lora_" in n]
         self._fast_switch = all(hasattr(m, "_active_adapter") and hasattr(m, "_disable_adapters")
@@ -91,8 +92,7 @@ class Roles:
     def eps(self, adapter: str | None, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """eps(x_t, t, c) of one role."""
         self.activate(adapter)
-        dtype = self.unet.dtype
-        out = self.unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
+        out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample.float()
         self.unet_rows += x_t.shape[0]
         if self.prediction_type == "v_prediction":
             alpha_t, sigma_t = alpha_sigma(self.alphas_cumprod, t, like=out)

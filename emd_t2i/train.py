@@ -230,6 +230,22 @@ def clip_and_step(accelerator, optimizer, params, max_norm: float) -> float:
     return norm
 
 
+def lr_scale(schedule: str, step: int, iterations: int) -> float:
+    """The factor on both base learning rates at a step: 1 (constant), or a cosine from 1 to 0 over the run.
+    A function of the step alone, so a resumed run continues the same curve with nothing to checkpoint."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(step, iterations) / iterations))
+
+
+def set_learning_rates(run: Run, cfg: DistillConfig) -> float:
+    scale = lr_scale(cfg.lr_schedule, run.step, cfg.iterations)
+    for optimizer, base in ((run.opt_generator, cfg.generator_lr), (run.opt_fake, cfg.fake_lr)):
+        for group in optimizer.param_groups:
+            group["lr"] = base * scale
+    return scale
+
+
 # ---------------------------------------------------------------- the loop
 def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None = None) -> Path:
     """Run (or resume) EMD distillation. `stop_after` ends early after that many iterations in this call
@@ -272,7 +288,8 @@ def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None 
     tic, rows_at_tic, step_at_tic = time.perf_counter(), roles.unet_rows, run.step
     try:
         while run.step < last_step:
-            stats = {"loss_generator": 0.0, "loss_fake": 0.0, "weight": 0.0, "eps_tilde_rms": 0.0}
+            stats = {"loss_generator": 0.0, "loss_fake": 0.0, "weight": 0.0, "eps_tilde_rms": 0.0,
+                     "lr_scale": set_learning_rates(run, cfg)}
             fake_samples = []
             # ---- E-step and M-step (M1), over gradient-accumulation micro-batches
             for micro in range(cfg.grad_accum):

@@ -25,3 +25,16 @@ def test_other_teachers_get_the_plain_defaults(tmp_path):
 def test_t_star_outside_the_schedule_is_a_user_error(t_star):
     with pytest.raises(UserError, match="--t-star"):
         build_config(teacher="toy", t_star=t_star)
+
+
+def test_unknown_lr_schedule_is_a_user_error():
+    with pytest.raises(UserError, match="--lr-schedule must be one of constant, cosine"):
+        build_config(teacher="toy", lr_schedule="linear")
+
+
+def test_iterations_resume_freely_only_under_a_constant_lr():
+    """A cosine schedule decays over --iterations: changing them mid-run would bend the curve, so it is refused."""
+    constant = build_config(teacher="toy")
+    assert constant.differences(build_config(teacher="toy", iterations=800)) == []
+    cosine = build_config(teacher="toy", lr_schedule="cosine")
+    assert cosine.differences(build_config(teacher="toy", lr_schedule="cosine", iterations=800)) == ["--iterations"]

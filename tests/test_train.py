@@ -13,7 +13,7 @@ from emd_t2i.config import DistillConfig
 from emd_t2i.ema import ema_decay_at, update_ema
 from emd_t2i.errors import UserError
 from emd_t2i.export import diffusers_state_dict, export_run
-from emd_t2i.train import batch_prompts, distill
+from emd_t2i.train import batch_prompts, distill, lr_scale
 
 PROMPTS = ["a cat", "a dog on a beach", "a red car at night", "an old castle", "a bowl of fruit"]
 
@@ -118,8 +118,9 @@ def test_gamma_z_zero_shares_the_generator_forward(tiny_teacher_dir, prompt_file
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_teacher_dir, prompt_file, tmp_path):
-    straight = distill(tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "straight", ema_decay=0.9))
-    interrupted = tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "resumed", ema_decay=0.9)
+    kept = {"ema_decay": 0.9, "lr_schedule": "cosine"}  # the EMA and the lr curve must survive the resume too
+    straight = distill(tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "straight", **kept))
+    interrupted = tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "resumed", **kept)
     distill(interrupted, stop_after=2)
     assert ckpt.checkpoint_step(ckpt.latest_checkpoint(tmp_path / "resumed")) == 2
     distill(interrupted)  # the same command again continues from iteration 2 to 4
@@ -134,10 +135,14 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_teacher_dir, promp
     sa, sb = ckpt.load_training_state(a), ckpt.load_training_state(b)
     for group_a, group_b in zip(sa["opt_generator"]["state"].values(), sb["opt_generator"]["state"].values()):
         assert torch.equal(group_a["exp_avg"], group_b["exp_avg"])
-    steps = [
-        json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
-    ]
-    assert steps == [1, 2, 3, 4], "log lines were lost or duplicated across the resume"
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4], "log lines were lost or duplicated across the resume"
+    assert [r["lr_scale"] for r in records] == [lr_scale("cosine", s, 4) for s in range(4)]
+
+
+def test_cosine_lr_falls_from_one_to_zero():
+    assert [lr_scale("cosine", s, 4) for s in (0, 2, 4, 9)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert lr_scale("constant", 3, 4) == 1.0
 
 
 def test_a_different_config_on_an_existing_run_is_refused(tiny_teacher_dir, prompt_file, tmp_path):
