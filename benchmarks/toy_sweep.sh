@@ -13,6 +13,10 @@ R64="--set generator_rank=64 --set fake_rank=64"
 # The points below were run before the defaults changed (fake_updates 1, no NC0, rank 16, EMA off, fake lr 3e-4);
 # OLD pins those so the points mean what they meant. Later flags override earlier ones.
 OLD="--set fake_updates=1 --set cancel_initial_noise=false --set generator_rank=16 --set fake_rank=16 --set ema_decay=0.0 --set fake_lr=3e-4"
+# The preset_* and tstar800_* points ran from the t* = 999 preset (constant generator lr 3e-4); P999 pins it.
+P999="--set t_star=999 --set generator_lr=3e-4 --set lr_schedule=\"constant\" --set gamma_z=0.03"
+# The toy_* points ran from the t* = 800 preset with a constant generator lr 1e-3 and gamma_z 0.03.
+T800="--set generator_lr=1e-3 --set lr_schedule=\"constant\" --set gamma_z=0.03"
 # name -> "stages|flags"
 declare -A POINTS=(
   [dmd_lr3e-4]="600|$OLD $DMD"
@@ -27,28 +31,32 @@ declare -A POINTS=(
   [emd_r64_f5_flr1e-3_ema_nc0]="200 400 600 800|$OLD $R64 --set fake_updates=5 --set fake_lr=1e-3 --set ema_decay=0.99 --set cancel_initial_noise=true"
   [emd_r64_f3_lr1e-3_ema_nc0]="200 400|$OLD $R64 --set fake_updates=3 --set generator_lr=1e-3 --set fake_lr=1e-3 --set ema_decay=0.99 --set cancel_initial_noise=true"
   # One EMD knob at a time from the current toy preset (its own 400-iteration point is emd_r64_f5_flr1e-3_ema_nc0_400).
-  [preset_gz0]="400|--set gamma_z=0.0"
-  [preset_gz0.1]="400|--set gamma_z=0.1"
-  [preset_gz0.05]="400|--set gamma_z=0.05"
-  [preset_k8]="400|--set num_langevin_steps=8"
-  [preset_geps1]="400|--set gamma_eps=1.0"
-  [preset_wnone]="400|--set weighting=\"none\""
-  [preset_cfg5]="400|--set guidance_scale=5.0"
-  [preset_cfg2]="400|--set guidance_scale=2.0"
-  [preset_flr3e-4]="400|--set fake_lr=3e-4"
-  [preset_tstar700]="400|--set t_star=700"
-  [preset_tstar500]="400|--set t_star=500"
-  [preset_tstar800]="400 800|--set t_star=800"
-  [preset_tstar600]="400|--set t_star=600"
-  [preset_tstar900]="400|--set t_star=900"
+  [preset_gz0]="400|$P999 --set gamma_z=0.0"
+  [preset_gz0.1]="400|$P999 --set gamma_z=0.1"
+  [preset_gz0.05]="400|$P999 --set gamma_z=0.05"
+  [preset_k8]="400|$P999 --set num_langevin_steps=8"
+  [preset_geps1]="400|$P999 --set gamma_eps=1.0"
+  [preset_wnone]="400|$P999 --set weighting=\"none\""
+  [preset_cfg5]="400|$P999 --set guidance_scale=5.0"
+  [preset_cfg2]="400|$P999 --set guidance_scale=2.0"
+  [preset_flr3e-4]="400|$P999 --set fake_lr=3e-4"
+  [preset_tstar700]="400|$P999 --set t_star=700"
+  [preset_tstar500]="400|$P999 --set t_star=500"
+  [preset_tstar800]="400 800|$P999 --set t_star=800"
+  [preset_tstar600]="400|$P999 --set t_star=600"
+  [preset_tstar900]="400|$P999 --set t_star=900"
   # From t* = 800: G1 amplifies a change of the eps output by sigma/alpha = 5.1 instead of 14.6 at t* = 999
-  [tstar800_lrg1e-3]="400 800|--set t_star=800 --set generator_lr=1e-3"
-  [tstar800_gz0.05]="400|--set t_star=800 --set gamma_z=0.05"
-  [tstar800_lrg2e-3]="400 800|--set t_star=800 --set generator_lr=2e-3"
-  # From the t* = 800, generator lr 1e-3 preset (emd_t2i/config.py), toward the quickstart's 15 minutes
-  [toy_gz0]="400 600 800|--set gamma_z=0.0"
-  [toy_cos_lrg2e-3]="400|--set lr_schedule=\"cosine\" --set generator_lr=2e-3"
-  [toy_cos_lrg2e-3_gz0]="500|--set lr_schedule=\"cosine\" --set generator_lr=2e-3 --set gamma_z=0.0"
+  [tstar800_lrg1e-3]="400 800|$P999 --set t_star=800 --set generator_lr=1e-3"
+  [tstar800_gz0.05]="400|$P999 --set t_star=800 --set gamma_z=0.05"
+  [tstar800_lrg2e-3]="400 800|$P999 --set t_star=800 --set generator_lr=2e-3"
+  # From the t* = 800, generator lr 1e-3 preset (the one before the cosine preset; T800 pins it), toward the
+  # quickstart's 15 minutes
+  [toy_gz0]="400 600 800|$T800 --set gamma_z=0.0"
+  [toy_cos_lrg2e-3]="400|$T800 --set lr_schedule=\"cosine\" --set generator_lr=2e-3"
+  [toy_cos_lrg2e-3_gz0]="500|$T800 --set lr_schedule=\"cosine\" --set generator_lr=2e-3 --set gamma_z=0.0"
+  [toy_cos_lrg3e-3_gz0]="500|$T800 --set lr_schedule=\"cosine\" --set generator_lr=3e-3 --set gamma_z=0.0"
+  [toy_cos_lrg2e-3_gz0_k2]="600|$T800 --set lr_schedule=\"cosine\" --set generator_lr=2e-3 --set gamma_z=0.0 --set num_langevin_steps=2"
+  [toy_cos_lrg2e-3_gz0_b24]="600|$T800 --set lr_schedule=\"cosine\" --set generator_lr=2e-3 --set gamma_z=0.0 --set batch_size=24"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")

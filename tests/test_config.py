@@ -34,7 +34,7 @@ def test_unknown_lr_schedule_is_a_user_error():
 
 def test_iterations_resume_freely_only_under_a_constant_lr():
     """A cosine schedule decays over --iterations: changing them mid-run would bend the curve, so it is refused."""
-    constant = build_config(teacher="toy")
-    assert constant.differences(build_config(teacher="toy", iterations=800)) == []
+    constant = build_config(teacher="toy", lr_schedule="constant")
+    assert constant.differences(build_config(teacher="toy", lr_schedule="constant", iterations=800)) == []
     cosine = build_config(teacher="toy", lr_schedule="cosine")
     assert cosine.differences(build_config(teacher="toy", lr_schedule="cosine", iterations=800)) == ["--iterations"]
