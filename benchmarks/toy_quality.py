@@ -84,12 +84,13 @@ def main() -> None:
         results[row] = {**report, **extra, "eval_seconds": round(time.time() - start, 1)}
         print(json.dumps({row: results[row]}), flush=True)
 
-    print("\n| source | colour | shape | background | all three | diversity | Frechet to real |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| source | colour | shape | background | all three | diversity 1 x 64 | diversity 3 x 192 | "
+          "Frechet to real |")
+    print("|---|---|---|---|---|---|---|---|")
     for row, r in results.items():
-        acc = r["prompt_accuracy"]
+        acc, wide = r["prompt_accuracy"], (r.get("diversity") or {}).get("mean", float("nan"))
         print(f"| {row} | {acc['colour']:.3f} | {acc['shape']:.3f} | {acc['background']:.3f} | {acc['all']:.3f} "
-              f"| {r['diversity_ratio']['mean']:.2f} | {r['frechet_distance_to_real']:.2f} |")
+              f"| {r['diversity_ratio']['mean']:.2f} | {wide:.3f} | {r['frechet_distance_to_real']:.2f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -17,6 +17,8 @@ OLD="--set fake_updates=1 --set cancel_initial_noise=false --set generator_rank=
 P999="--set t_star=999 --set generator_lr=3e-4 --set lr_schedule=\"constant\" --set gamma_z=0.03"
 # The toy_* points ran from the t* = 800 preset with a constant generator lr 1e-3 and gamma_z 0.03.
 T800="--set generator_lr=1e-3 --set lr_schedule=\"constant\" --set gamma_z=0.03"
+# The k2_* points run from the current toy preset (K = 2, gamma_z = 0, cosine from lr 2e-3, 600 iterations); K2 pins it.
+K2="--set num_langevin_steps=2 --set gamma_z=0.0 --set lr_schedule=\"cosine\" --set generator_lr=2e-3"
 # name -> "stages|flags"
 declare -A POINTS=(
   [dmd_lr3e-4]="600|$OLD $DMD"
@@ -57,6 +59,9 @@ declare -A POINTS=(
   [toy_cos_lrg3e-3_gz0]="500|$T800 --set lr_schedule=\"cosine\" --set generator_lr=3e-3 --set gamma_z=0.0"
   [toy_cos_lrg2e-3_gz0_k2]="600|$T800 --set lr_schedule=\"cosine\" --set generator_lr=2e-3 --set gamma_z=0.0 --set num_langevin_steps=2"
   [toy_cos_lrg2e-3_gz0_b24]="600|$T800 --set lr_schedule=\"cosine\" --set generator_lr=2e-3 --set gamma_z=0.0 --set batch_size=24"
+  # From the current preset: can diversity be bought back?
+  [k2_cfg2.5]="600|$K2 --set guidance_scale=2.5"
+  [k2_gz0.03]="600|$K2 --set gamma_z=0.03"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")

@@ -15,12 +15,15 @@ from .errors import UserError
 ImagesFn = Callable[[list[str], int], Tensor]  # (prompts, seed) -> images in [-1, 1], (N, 3, H, W)
 
 
-def toy_report(generate: ImagesFn, n: int = 240, diversity_images: int = 64, seed: int = 0) -> dict:
+def toy_report(generate: ImagesFn, n: int = 240, diversity_images: int = 64, seed: int = 0,
+               diversity_prompts: int = 3, diversity_samples: int = 192) -> dict:
     """Measures of one image source on the toy domain, against real images of the same prompts.
 
-    prompt accuracy per attribute (and all three), the spread of position and size for one fixed prompt
-    relative to real images of it (1 = as diverse as the data), and the Frechet distance to real images in
-    the attribute classifier's feature space.
+    prompt accuracy per attribute (and all three); diversity, the spread of position and size relative to real
+    images of the same prompt (1 = as diverse as the data), twice: `diversity_ratio` for one fixed prompt and
+    `diversity_images` samples (the sweep's measure, +-0.035) and `diversity` averaged over `diversity_prompts`
+    prompts of `diversity_samples` samples each (+-0.015; 0 prompts skips it); and the Frechet distance to real
+    images in the attribute classifier's feature space.
     """
     from .toy import metrics
 
@@ -29,11 +32,14 @@ def toy_report(generate: ImagesFn, n: int = 240, diversity_images: int = 64, see
     real = torch.cat([metrics.real_images_for_prompt(p, 1, seed=seed + i) for i, p in enumerate(prompts)])
     fixed = prompts[0]
     fixed_images = generate([fixed] * diversity_images, seed + 1)
+    wide = (metrics.mean_diversity(generate, metrics.diversity_prompts(diversity_prompts, seed), diversity_samples,
+                                   seed) if diversity_prompts else None)
     return {
         "n": n,
         "prompt_accuracy": metrics.prompt_accuracy(images, prompts),
         "diversity_ratio": {"prompt": fixed, **metrics.diversity_ratio(
             fixed_images, metrics.real_images_for_prompt(fixed, diversity_images, seed))},
+        "diversity": wide,
         "frechet_distance_to_real": metrics.classifier_frechet_distance(images, real),
     }
 

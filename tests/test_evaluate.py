@@ -16,14 +16,16 @@ def collapsed_source(prompts, seed):
 
 
 def test_real_images_score_as_real():
-    report = toy_report(real_source, n=96, diversity_images=48)
+    report = toy_report(real_source, n=96, diversity_images=48, diversity_samples=48)
     assert report["prompt_accuracy"]["all"] > 0.95
     assert 0.7 < report["diversity_ratio"]["mean"] < 1.4
+    assert 0.8 < report["diversity"]["mean"] < 1.25 and len(report["diversity"]["per_prompt"]) == 3
 
 
 def test_a_collapsed_generator_is_caught():
-    real, collapsed = toy_report(real_source, n=96, diversity_images=48), toy_report(collapsed_source, n=96,
-                                                                                        diversity_images=48)
+    sizes = {"n": 96, "diversity_images": 48, "diversity_samples": 48}
+    real, collapsed = toy_report(real_source, **sizes), toy_report(collapsed_source, **sizes)
     assert collapsed["prompt_accuracy"]["all"] > 0.95  # adherence alone cannot see collapse ...
     assert collapsed["diversity_ratio"]["mean"] < 0.1  # ... diversity can
+    assert collapsed["diversity"]["mean"] < 0.1
     assert collapsed["frechet_distance_to_real"] > 2 * real["frechet_distance_to_real"]
