@@ -15,7 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from emd_t2i.config import build_config
+from toy_quality import TEACHER_GUIDANCE
+
 from emd_t2i.evaluate import one_step_images
 from emd_t2i.teachers import TOY_TEACHER_DIR
 from emd_t2i.toy import metrics
@@ -37,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     prompts = metrics.diversity_prompts(args.prompts, args.seed)
     pipe = metrics.load_teacher(TOY_TEACHER_DIR)
-    guidance = build_config(teacher="toy").guidance_scale
+    guidance = TEACHER_GUIDANCE
 
     def teacher(prompts_, seed):
         return metrics.sample_teacher(pipe, prompts_, args.teacher_steps, guidance, seed)

@@ -17,8 +17,9 @@ OLD="--set fake_updates=1 --set cancel_initial_noise=false --set generator_rank=
 P999="--set t_star=999 --set generator_lr=3e-4 --set lr_schedule=\"constant\" --set gamma_z=0.03"
 # The toy_* points ran from the t* = 800 preset with a constant generator lr 1e-3 and gamma_z 0.03.
 T800="--set generator_lr=1e-3 --set lr_schedule=\"constant\" --set gamma_z=0.03"
-# The k2_* points run from the current toy preset (K = 2, gamma_z = 0, cosine from lr 2e-3, 600 iterations); K2 pins it.
-K2="--set num_langevin_steps=2 --set gamma_z=0.0 --set lr_schedule=\"cosine\" --set generator_lr=2e-3"
+# The k2_* points ran from the toy preset of K = 2, gamma_z = 0, cosine from lr 2e-3, 600 iterations, guidance 3
+# (before guidance 2.25); K2 pins it.
+K2="--set num_langevin_steps=2 --set gamma_z=0.0 --set lr_schedule=\"cosine\" --set generator_lr=2e-3 --set guidance_scale=3.0"
 # name -> "stages|flags"
 declare -A POINTS=(
   [dmd_lr3e-4]="600|$OLD $DMD"
@@ -61,6 +62,7 @@ declare -A POINTS=(
   [toy_cos_lrg2e-3_gz0_b24]="600|$T800 --set lr_schedule=\"cosine\" --set generator_lr=2e-3 --set gamma_z=0.0 --set batch_size=24"
   # From the current preset: can diversity be bought back?
   [k2_cfg2.5]="600|$K2 --set guidance_scale=2.5"
+  [k2_cfg2]="600|$K2 --set guidance_scale=2.0"
   [k2_gz0.03]="600|$K2 --set gamma_z=0.03"
 )
 names=("$@")
