@@ -63,6 +63,9 @@ declare -A POINTS=(
   # From the current preset: can diversity be bought back?
   [k2_cfg2.5]="600|$K2 --set guidance_scale=2.5"
   [k2_cfg2]="600|$K2 --set guidance_scale=2.0"
+  # The current preset with other seeds: how far apart are two training runs of one config?
+  [k2_cfg2.25_seed1]="600|$K2 --set guidance_scale=2.25 --set seed=1"
+  [k2_cfg2.25_seed2]="600|$K2 --set guidance_scale=2.25 --set seed=2"
   [k2_gz0.03]="600|$K2 --set gamma_z=0.03"
 )
 names=("$@")
