@@ -22,15 +22,11 @@ from emd_t2i.teachers import TOY_TEACHER_DIR
 from emd_t2i.toy import metrics
 
 
-def diversity(generate, prompts: list[str], samples: int, seed: int) -> float:
-    """Mean over prompts and over (cx, cy, size) of the spread relative to real images of the same prompt."""
-    return metrics.mean_diversity(generate, prompts, samples, seed)["mean"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("exports", nargs="*", type=Path, help="student export folders")
-    parser.add_argument("--prompts", type=int, default=3, help="prompts (the first of toy_report's list)")
+    parser.add_argument("--prompts", type=int, default=3,
+                        help="prompts (metrics.diversity_prompts: distinct shape, colour, background)")
     parser.add_argument("--samples", type=int, default=192, help="images per prompt")
     parser.add_argument("--teacher-steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
@@ -38,14 +34,14 @@ def main() -> None:
     args = parser.parse_args()
     prompts = metrics.diversity_prompts(args.prompts, args.seed)
     pipe = metrics.load_teacher(TOY_TEACHER_DIR)
-    guidance = TEACHER_GUIDANCE
 
     def teacher(prompts_, seed):
-        return metrics.sample_teacher(pipe, prompts_, args.teacher_steps, guidance, seed)
+        return metrics.sample_teacher(pipe, prompts_, args.teacher_steps, TEACHER_GUIDANCE, seed)
 
-    results = {f"teacher{args.teacher_steps}": diversity(teacher, prompts, args.samples, args.seed)}
-    for export in args.exports:
-        results[str(export)] = diversity(one_step_images(export), prompts, args.samples, args.seed)
+    sources = {f"teacher{args.teacher_steps}": teacher, **{str(e): one_step_images(e) for e in args.exports}}
+    # the mean over prompts and over (cx, cy, size) of the spread relative to real images of the same prompt
+    results = {name: metrics.mean_diversity(generate, prompts, args.samples, args.seed)["mean"]
+               for name, generate in sources.items()}
     reference = results[f"teacher{args.teacher_steps}"]
     print(f"prompts: {prompts}, {args.samples} images each\n| source | diversity | / teacher |\n|---|---|---|")
     for name, value in results.items():
