@@ -4,7 +4,7 @@ Every row is measured by emd_t2i.evaluate.toy_report on the same prompts and see
 by the same code (`emd_t2i.train.distill`); the DMD baseline is EMD with K = 1, gamma_eps = 2, gamma_z = 0
 (docs/ALGORITHM.md: that is exactly DMD's distribution-matching gradient).
 
-    python benchmarks/toy_quality.py --n 240 --out benchmarks/results/toy_quality.json
+    python benchmarks/toy_quality.py --out benchmarks/results/toy_quality.json   # 960 prompts per row
     python benchmarks/toy_quality.py --rows emd dmd --iterations 900   # longer students (resumes the 300 runs)
     python benchmarks/toy_quality.py --rows emd --set num_langevin_steps=4 --set gamma_eps=0.8   # a sweep point
     python benchmarks/toy_quality.py --rows teacher1 emd dmd --keep --out X.json   # keep X.json's other rows
@@ -57,7 +57,7 @@ def parse_sets(pairs: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=240, help="evaluation prompts")
+    parser.add_argument("--n", type=int, default=960, help="evaluation prompts (960: accuracy +-0.01)")
     parser.add_argument("--guidance", type=float, default=None, help=f"teacher guidance [default: {TEACHER_GUIDANCE}]")
     parser.add_argument("--rows", nargs="+", default=["teacher25", "teacher50", "teacher1", "emd", "dmd"])
     parser.add_argument("--set", action="append", default=[], help="override a distill flag of the EMD row: KEY=VALUE")
