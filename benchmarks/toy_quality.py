@@ -57,7 +57,7 @@ def parse_sets(pairs: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=960, help="evaluation prompts (960: accuracy +-0.01)")
+    parser.add_argument("--n", type=int, default=960, help="evaluation prompts (accuracy +-0.01 at 960)")
     parser.add_argument("--guidance", type=float, default=None, help=f"teacher guidance [default: {TEACHER_GUIDANCE}]")
     parser.add_argument("--rows", nargs="+", default=["teacher25", "teacher50", "teacher1", "emd", "dmd"])
     parser.add_argument("--set", action="append", default=[], help="override a distill flag of the EMD row: KEY=VALUE")

@@ -233,7 +233,7 @@ def sample(
 @user_errors
 def evaluate(
     model: Annotated[str | None, typer.Option(help="export folder or run folder [default: newest runs/*/export]")] = None,
-    n: Annotated[int, typer.Option(help="evaluation prompts")] = 240,
+    n: Annotated[int, typer.Option(help="evaluation prompts (960: accuracy +-0.01, as docs/BENCHMARKS.md)")] = 960,
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
 ):
     """Evaluate an export (toy teacher: prompt accuracy, diversity, Frechet distance); writes eval.json."""
