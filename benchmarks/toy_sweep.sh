@@ -75,9 +75,8 @@ declare -A POINTS=(
   [q_f3]="870|$Q --set fake_updates=3"
   [q_r32]="730|$Q --set generator_rank=32 --set fake_rank=32"
   [q_f3_r32]="1070|$Q --set fake_updates=3 --set generator_rank=32 --set fake_rank=32"
-  [q_f3_cfg2]="870|$Q --set fake_updates=3 --set guidance_scale=2.0"
-  [q_f3_r32_cfg2]="1070|$Q --set fake_updates=3 --set generator_rank=32 --set fake_rank=32 --set guidance_scale=2.0"
-  [q_f2]="1000|$Q --set fake_updates=2"
+  [q_f3_r32_cfg2.5]="1070|$Q --set fake_updates=3 --set generator_rank=32 --set fake_rank=32 --set guidance_scale=2.5"
+  [q_1200]="1200|$Q"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")
