@@ -77,6 +77,9 @@ declare -A POINTS=(
   [q_f3_r32]="1070|$Q --set fake_updates=3 --set generator_rank=32 --set fake_rank=32"
   [q_f3_r32_cfg2.5]="1070|$Q --set fake_updates=3 --set generator_rank=32 --set fake_rank=32 --set guidance_scale=2.5"
   [q_1200]="1200|$Q"
+  # EMD's z-chain (the oracle's mode-covering piece, ALGORITHM.md) back on at K = 2
+  [q_gz0.03]="600|$Q --set gamma_z=0.03"
+  [q_gz0.06]="600|$Q --set gamma_z=0.06"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")
