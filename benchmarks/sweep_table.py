@@ -28,16 +28,17 @@ def main() -> None:
     rows = [(path.stem, json.loads(path.read_text())["emd"]) for path in SWEEP.glob("*.json")]
     rows.sort(key=lambda row: (row[0].rsplit("_", 1)[0], row[1]["config"]["iterations"]))
     minutes: dict[str, float] = {}  # a later stage resumed the earlier one: its minutes add up
-    print("| point | changed from the old preset | iterations | all three | colour | shape | diversity | Frechet | "
-          "train min (total) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| point | changed from the old preset | iterations | prompts | all three | colour | shape | diversity | "
+          "diversity 3 x 192 | Frechet | train min (total) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows:
         acc, cfg = r["prompt_accuracy"], r["config"]
         point = name.rsplit("_", 1)[0]
         minutes[point] = minutes.get(point, 0.0) + r["train_minutes"]
-        print(f"| {name} | {changed(cfg)} | {cfg['iterations']} | {acc['all']:.3f} | {acc['colour']:.3f} | "
-              f"{acc['shape']:.3f} | {r['diversity_ratio']['mean']:.2f} | {r['frechet_distance_to_real']:.1f} | "
-              f"{minutes[point]:.1f} |")
+        wide = f"{r['diversity']['mean']:.3f}" if r.get("diversity") else "-"
+        print(f"| {name} | {changed(cfg)} | {cfg['iterations']} | {r.get('n', 240)} | {acc['all']:.3f} | "
+              f"{acc['colour']:.3f} | {acc['shape']:.3f} | {r['diversity_ratio']['mean']:.2f} | {wide} | "
+              f"{r['frechet_distance_to_real']:.1f} | {minutes[point]:.1f} |")
 
 
 if __name__ == "__main__":
