@@ -80,6 +80,9 @@ declare -A POINTS=(
   # EMD's z-chain (the oracle's mode-covering piece, ALGORITHM.md) back on at K = 2
   [q_gz0.03]="600|$Q --set gamma_z=0.03"
   [q_gz0.06]="600|$Q --set gamma_z=0.06"
+  # The student's position spread is ~0.8 of the teacher's: does a fake score that tracks the generator closer help?
+  [q_flr2e-3]="600|$Q --set fake_lr=2e-3"
+  [q_f8]="600|$Q --set fake_updates=8"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")
