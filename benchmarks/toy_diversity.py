@@ -4,9 +4,10 @@ Issue 5 asks for a student diversity of at least 90% of the 25-step teacher's. t
 (64 samples of one prompt) measures it to about +-0.035; its `diversity` (3 prompts x 192) is what this script
 computes, with the number of prompts and samples open: `--samples` images for each of `--prompts` prompts
 (different shapes, colours and backgrounds), the spread of position and size relative to real images of each
-prompt, per source, and each student's ratio to the teacher.
+prompt, per source, split into (cx, cy, size) and averaged, and each source's ratio to the first teacher row.
 
     python benchmarks/toy_diversity.py runs/sweep/tstar800_lrg1e-3/emd/export runs/benchmarks/emd/export
+    python benchmarks/toy_diversity.py --teacher-guidance 3 2.25 runs/benchmarks/emd/export   # + teacher at w 2.25
 """
 
 from __future__ import annotations
@@ -29,25 +30,35 @@ def main() -> None:
                         help="prompts (metrics.diversity_prompts: distinct shape, colour, background)")
     parser.add_argument("--samples", type=int, default=192, help="images per prompt")
     parser.add_argument("--teacher-steps", type=int, default=25)
+    parser.add_argument("--teacher-guidance", type=float, nargs="+", default=[TEACHER_GUIDANCE],
+                        help=f"teacher rows; the first is the reference of the ratio column [default: {TEACHER_GUIDANCE}]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     args = parser.parse_args()
     prompts = metrics.diversity_prompts(args.prompts, args.seed)
     pipe = metrics.load_teacher(TOY_TEACHER_DIR)
 
-    def teacher(prompts_, seed):
-        return metrics.sample_teacher(pipe, prompts_, args.teacher_steps, TEACHER_GUIDANCE, seed)
+    def teacher(guidance):
+        return lambda prompts_, seed: metrics.sample_teacher(pipe, prompts_, args.teacher_steps, guidance, seed)
 
-    sources = {f"teacher{args.teacher_steps}": teacher, **{str(e): one_step_images(e) for e in args.exports}}
-    # the mean over prompts and over (cx, cy, size) of the spread relative to real images of the same prompt
-    results = {name: metrics.mean_diversity(generate, prompts, args.samples, args.seed)["mean"]
-               for name, generate in sources.items()}
-    reference = results[f"teacher{args.teacher_steps}"]
-    print(f"prompts: {prompts}, {args.samples} images each\n| source | diversity | / teacher |\n|---|---|---|")
-    for name, value in results.items():
-        print(f"| {name} | {value:.3f} | {value / reference:.2f} |")
+    teachers = {f"teacher{args.teacher_steps}" + (f"_w{w:g}" if w != TEACHER_GUIDANCE else ""): teacher(w)
+                for w in args.teacher_guidance}
+    sources = {**teachers, **{str(e): one_step_images(e) for e in args.exports}}
+    # the spread relative to real images of the same prompt, per (cx, cy, size) and its mean, averaged over prompts
+    measured = {name: metrics.mean_diversity(generate, prompts, args.samples, args.seed)
+                for name, generate in sources.items()}
+    results = {name: m["mean"] for name, m in measured.items()}
+    reference = next(iter(results.values()))
+    print(f"prompts: {prompts}, {args.samples} images each\n"
+          f"| source | cx | cy | size | diversity | / {next(iter(results))} |\n|---|---|---|---|---|---|")
+    for name, m in measured.items():
+        g = m["geometry"]
+        print(f"| {name} | {g['cx']:.3f} | {g['cy']:.3f} | {g['size']:.3f} | {m['mean']:.3f} | "
+              f"{m['mean'] / reference:.2f} |")
     if args.out:
-        args.out.write_text(json.dumps({"prompts": prompts, "samples": args.samples, **results}, indent=2) + "\n")
+        geometry = {name: m["geometry"] for name, m in measured.items()}
+        args.out.write_text(json.dumps({"prompts": prompts, "samples": args.samples, **results, "geometry": geometry},
+                                       indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Evaluation on the toy domain: real images score as real, a collapsed generator is caught."""
 
+import numpy as np
 import torch
 
 from emd_t2i.evaluate import toy_report
@@ -29,3 +30,20 @@ def test_a_collapsed_generator_is_caught():
     assert collapsed["diversity_ratio"]["mean"] < 0.1  # ... diversity can
     assert collapsed["diversity"]["mean"] < 0.1
     assert collapsed["frechet_distance_to_real"] > 2 * real["frechet_distance_to_real"]
+
+
+def test_diversity_says_which_spread_is_missing():
+    """A source that draws sizes like the data but always centres the shape lacks cx / cy spread, not size."""
+    from dataclasses import replace
+
+    from emd_t2i.toy import domain
+
+    def centred_source(prompts, seed):
+        shape, colour, background = domain.parse_prompt(prompts[0])
+        attrs = domain.sample_attributes(len(prompts), seed, shape=shape, colour=colour, background=background)
+        middle = np.full_like(attrs.cx, 16)
+        return domain.render(replace(attrs, cx=middle, cy=middle))
+
+    geometry = metrics.mean_diversity(centred_source, metrics.diversity_prompts(2), samples=64)["geometry"]
+    assert geometry["cx"] < 0.2 and geometry["cy"] < 0.2
+    assert 0.7 < geometry["size"] < 1.4

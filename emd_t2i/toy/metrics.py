@@ -183,14 +183,18 @@ def mean_diversity(generate, prompts: list[str], samples: int, seed: int = 0, cl
     """diversity_ratio of `samples` images for each prompt (against as many real ones), and its mean over prompts.
 
     `generate(prompts, seed) -> images`. One prompt and 64 images measure the ratio to about +-0.035; 3 x 192 to
-    about +-0.015, and averaging prompts keeps one easy prompt from deciding the verdict.
+    about +-0.015, and averaging prompts keeps one easy prompt from deciding the verdict. `geometry` is the ratio of
+    each of (cx, cy, size) averaged over the prompts: which spread a source lacks.
     """
-    per_prompt = {}
+    ratios = {}
     for i, prompt in enumerate(prompts):
         images = generate([prompt] * samples, seed + 1000 * i)
         real = real_images_for_prompt(prompt, samples, seed + i)
-        per_prompt[prompt] = diversity_ratio(images, real, classifier)["mean"]
-    return {"samples": samples, "per_prompt": per_prompt, "mean": sum(per_prompt.values()) / len(per_prompt)}
+        ratios[prompt] = diversity_ratio(images, real, classifier)
+    per_prompt = {prompt: r["mean"] for prompt, r in ratios.items()}
+    geometry = {g: sum(r[g] for r in ratios.values()) / len(ratios) for g in GEOMETRY}
+    return {"samples": samples, "per_prompt": per_prompt, "geometry": geometry,
+            "mean": sum(per_prompt.values()) / len(per_prompt)}
 
 
 def real_images_for_prompt(prompt: str, n: int, seed: int = 0) -> Tensor:
