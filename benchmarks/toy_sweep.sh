@@ -83,6 +83,8 @@ declare -A POINTS=(
   # The student's position spread is ~0.8 of the teacher's: does a fake score that tracks the generator closer help?
   [q_flr2e-3]="600|$Q --set fake_lr=2e-3"
   [q_f8]="600|$Q --set fake_updates=8"
+  [q_flr2e-3_cfg2.5]="600|$Q --set fake_lr=2e-3 --set guidance_scale=2.5"
+  [q_flr4e-3_cfg2.5]="600|$Q --set fake_lr=4e-3 --set guidance_scale=2.5"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")
