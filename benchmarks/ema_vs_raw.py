@@ -19,9 +19,10 @@ from emd_t2i.export import FACTS_FILE, export_run
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders whose latest checkpoint has an EMA")
-    parser.add_argument("--n", type=int, default=240, help="evaluation prompts")
+    parser.add_argument("--n", type=int, default=960, help="evaluation prompts")
     args = parser.parse_args()
-    print("| run | weights | all three | diversity | Frechet to real |\n|---|---|---|---|---|")
+    print("| run | weights | all three | diversity 1 x 64 | diversity 3 x 192 | Frechet to real |\n"
+          "|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for i, run in enumerate(args.runs):
             for raw in (False, True):
@@ -30,6 +31,7 @@ def main() -> None:
                 r = toy_report(one_step_images(export), n=args.n)
                 print(f"| {run} | {facts['generator_weights']} (step {facts['step']}) | "
                       f"{r['prompt_accuracy']['all']:.3f} | {r['diversity_ratio']['mean']:.2f} | "
+                      f"{r['diversity']['mean']:.3f} | "
                       f"{r['frechet_distance_to_real']:.1f} |", flush=True)
 
 

@@ -85,6 +85,8 @@ declare -A POINTS=(
   [q_f8]="600|$Q --set fake_updates=8"
   [q_flr2e-3_cfg2.5]="600|$Q --set fake_lr=2e-3 --set guidance_scale=2.5"
   [q_flr4e-3_cfg2.5]="600|$Q --set fake_lr=4e-3 --set guidance_scale=2.5"
+  [q_flr2e-3_cfg2.375]="600|$Q --set fake_lr=2e-3 --set guidance_scale=2.375"
+  [q_flr2e-3_cfg2.375_seed1]="600|$Q --set fake_lr=2e-3 --set guidance_scale=2.375 --set seed=1"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")
