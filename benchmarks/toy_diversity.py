@@ -7,7 +7,7 @@ computes, with the number of prompts and samples open: `--samples` images for ea
 prompt, per source, split into (cx, cy, size) and averaged, and each source's ratio to the first teacher row.
 
     python benchmarks/toy_diversity.py runs/sweep/tstar800_lrg1e-3/emd/export runs/benchmarks/emd/export
-    python benchmarks/toy_diversity.py --teacher-guidance 3 2.25 runs/benchmarks/emd/export   # + teacher at w 2.25
+    python benchmarks/toy_diversity.py --teacher-guidance 3 --teacher-guidance 2.25 runs/benchmarks/emd/export
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ def main() -> None:
                         help="prompts (metrics.diversity_prompts: distinct shape, colour, background)")
     parser.add_argument("--samples", type=int, default=192, help="images per prompt")
     parser.add_argument("--teacher-steps", type=int, default=25)
-    parser.add_argument("--teacher-guidance", type=float, nargs="+", default=[TEACHER_GUIDANCE],
-                        help=f"teacher rows; the first is the reference of the ratio column [default: {TEACHER_GUIDANCE}]")
+    parser.add_argument("--teacher-guidance", type=float, action="append", default=None,
+                        help=f"a teacher row at this guidance (repeatable); the first is the ratio column's "
+                             f"reference [default: {TEACHER_GUIDANCE}]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     args = parser.parse_args()
@@ -42,7 +43,7 @@ def main() -> None:
         return lambda prompts_, seed: metrics.sample_teacher(pipe, prompts_, args.teacher_steps, guidance, seed)
 
     teachers = {f"teacher{args.teacher_steps}" + (f"_w{w:g}" if w != TEACHER_GUIDANCE else ""): teacher(w)
-                for w in args.teacher_guidance}
+                for w in args.teacher_guidance or [TEACHER_GUIDANCE]}
     sources = {**teachers, **{str(e): one_step_images(e) for e in args.exports}}
     # the spread relative to real images of the same prompt, per (cx, cy, size) and its mean, averaged over prompts
     measured = {name: metrics.mean_diversity(generate, prompts, args.samples, args.seed)

@@ -157,9 +157,10 @@ def _problems(c: DistillConfig):
 # of generator updates: gamma_z = 0 (no generator VJPs in the E-step) and K = 2 make an iteration ~30% cheaper,
 # which buys 600 iterations, and a cosine decay from generator lr 2e-3 gets the most out of them: 0.929 / 0.66
 # (accuracy / diversity) vs 0.863 / 0.63 for 400 constant-lr iterations at K = 4, gamma_z = 0.03. Guidance trades
-# one for the other (the guided score is that of p(x|c)^w p(x)^(1-w), sharper than the CFG sampler's output at the
-# same w): w = 3 / 2.5 / 2 gave accuracy 0.929 / 0.917 / 0.900 and diversity (3 prompts x 192) 0.683 / 0.734 /
-# 0.791; 2.25 sits between the bars of issue 5 (accuracy >= 0.912, diversity >= 0.756).
+# one for the other: w = 3 / 2.5 / 2 gave accuracy 0.929 / 0.917 / 0.900 and diversity (3 prompts x 192) 0.683 /
+# 0.734 / 0.791; 2.25 sits between the bars of issue 5 (accuracy >= 0.913, diversity >= 0.756). Cheaper iterations
+# (fewer fake updates, rank 32), more fake updates, the z-chain at K = 2 and a faster fake score did not move the
+# students off that trade by more than run-to-run noise (BENCHMARKS.md, "Sweep", the q_* points).
 PRESETS: dict[str, dict[str, Any]] = {
     "toy": {
         "iterations": 600, "batch_size": 32, "generator_lr": 2e-3, "fake_lr": 1e-3, "lr_schedule": "cosine",
