@@ -22,6 +22,8 @@ T800="--set generator_lr=1e-3 --set lr_schedule=\"constant\" --set gamma_z=0.03"
 K2="--set num_langevin_steps=2 --set gamma_z=0.0 --set lr_schedule=\"cosine\" --set generator_lr=2e-3 --set guidance_scale=3.0"
 # The q_* points ran from the toy preset of guidance 2.25 (fake_updates 5, rank 64, K = 2); Q pins it.
 Q="$K2 --set guidance_scale=2.25 --set fake_updates=5 --set generator_rank=64 --set fake_rank=64"
+# The default LoRA targets plus conv_in, conv_out, the down/upsamplers' conv and the time embedding
+TARGETS_IO='["to_q","to_k","to_v","to_out.0","proj_in","proj_out","ff.net.0.proj","ff.net.2","conv1","conv2","conv_shortcut","time_emb_proj","conv_in","conv_out","conv","linear_1","linear_2"]'
 # name -> "stages|flags"
 declare -A POINTS=(
   [dmd_lr3e-4]="600|$OLD $DMD"
@@ -87,6 +89,9 @@ declare -A POINTS=(
   [q_flr4e-3_cfg2.5]="600|$Q --set fake_lr=4e-3 --set guidance_scale=2.5"
   [q_flr2e-3_cfg2.375]="600|$Q --set fake_lr=2e-3 --set guidance_scale=2.375"
   [q_flr2e-3_cfg2.375_seed1]="600|$Q --set fake_lr=2e-3 --set guidance_scale=2.375 --set seed=1"
+  # Position spread is what the students lack: LoRA also on the layers that map noise to layout, and a lower t*
+  [q_io]="600|$Q --set target_modules=$TARGETS_IO"
+  [q_tstar700]="600|$Q --set t_star=700"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")
