@@ -92,6 +92,8 @@ declare -A POINTS=(
   # Position spread is what the students lack: LoRA also on the layers that map noise to layout, and a lower t*
   [q_io]="600|$Q --set target_modules=$TARGETS_IO"
   [q_tstar700]="600|$Q --set t_star=700"
+  [q_io_cfg2]="600|$Q --set target_modules=$TARGETS_IO --set guidance_scale=2.0"
+  [q_io_cfg1.75]="600|$Q --set target_modules=$TARGETS_IO --set guidance_scale=1.75"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")
