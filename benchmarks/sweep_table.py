@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from emd_t2i.config import DEFAULT_TARGET_MODULES
+
 SWEEP = Path(__file__).parent / "results" / "sweep"
 DEFAULTS = {"num_langevin_steps": 4, "gamma_eps": 0.5, "gamma_z": 0.03, "generator_lr": 3e-4, "fake_lr": 3e-4,
             "generator_rank": 16, "fake_rank": 16, "fake_updates": 1, "batch_size": 32, "ema_decay": 0.0,
@@ -20,8 +22,10 @@ SHORT = {"num_langevin_steps": "K", "generator_lr": "lr_g", "fake_lr": "lr_f", "
 
 
 def changed(config: dict) -> str:
-    """The flags that differ from the old toy preset, in short form."""
-    return ", ".join(f"{SHORT.get(k, k)}={config.get(k, v)}" for k, v in DEFAULTS.items() if config.get(k, v) != v)
+    """The flags that differ from the old toy preset, in short form (LoRA targets as those added)."""
+    flags = [f"{SHORT.get(k, k)}={config.get(k, v)}" for k, v in DEFAULTS.items() if config.get(k, v) != v]
+    added = [m for m in config.get("target_modules", DEFAULT_TARGET_MODULES) if m not in DEFAULT_TARGET_MODULES]
+    return ", ".join(flags + ([f"targets=+{'+'.join(added)}"] if added else []))
 
 
 def main() -> None:

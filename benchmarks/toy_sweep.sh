@@ -4,26 +4,29 @@
 # run, which is bit-identical to an uninterrupted one), writing benchmarks/results/sweep/NAME_ITERS.json.
 # One torch thread per point, so two points can share a 2-core machine. Run a subset by naming points:
 #   bash benchmarks/toy_sweep.sh emd_r64_f3 dmd_r64_f3
+#   bash benchmarks/toy_sweep.sh --print      # every point's stages and flags, nothing run
 # DMD-mode points (K = 1, gamma_eps = 2, gamma_z = 0) cost about a third of an EMD point at K = 4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 DMD="--set num_langevin_steps=1 --set gamma_eps=2.0 --set gamma_z=0.0"
 R64="--set generator_rank=64 --set fake_rank=64"
-# The points below were run before the defaults changed (fake_updates 1, no NC0, rank 16, EMA off, fake lr 3e-4);
-# OLD pins those so the points mean what they meant. Later flags override earlier ones.
-OLD="--set fake_updates=1 --set cancel_initial_noise=false --set generator_rank=16 --set fake_rank=16 --set ema_decay=0.0 --set fake_lr=3e-4"
-# The preset_* and tstar800_* points ran from the t* = 999 preset (constant generator lr 3e-4); P999 pins it.
-P999="--set t_star=999 --set generator_lr=3e-4 --set lr_schedule=\"constant\" --set gamma_z=0.03"
-# The toy_* points ran from the t* = 800 preset with a constant generator lr 1e-3 and gamma_z 0.03.
-T800="--set generator_lr=1e-3 --set lr_schedule=\"constant\" --set gamma_z=0.03"
-# The k2_* points ran from the toy preset of K = 2, gamma_z = 0, cosine from lr 2e-3, 600 iterations, guidance 3
-# (before guidance 2.25); K2 pins it.
-K2="--set num_langevin_steps=2 --set gamma_z=0.0 --set lr_schedule=\"cosine\" --set generator_lr=2e-3 --set guidance_scale=3.0"
-# The q_* points ran from the toy preset of guidance 2.25 (fake_updates 5, rank 64, K = 2); Q pins it.
-Q="$K2 --set guidance_scale=2.25 --set fake_updates=5 --set generator_rank=64 --set fake_rank=64"
-# The default LoRA targets plus conv_in, conv_out, the down/upsamplers' conv and the time embedding
-TARGETS_IO='["to_q","to_k","to_v","to_out.0","proj_in","proj_out","ff.net.0.proj","ff.net.2","conv1","conv2","conv_shortcut","time_emb_proj","conv_in","conv_out","conv","linear_1","linear_2"]'
+# Every point stands on a chain of pins, never on the moving toy preset, so that it keeps meaning what it meant
+# when the preset changes (tests/test_sweep_pins.py rebuilds each recorded point's config from these flags).
+# Later flags override earlier ones. TARGETS: the default LoRA targets (config.DEFAULT_TARGET_MODULES).
+TARGETS='"to_q","to_k","to_v","to_out.0","proj_in","proj_out","ff.net.0.proj","ff.net.2","conv1","conv2","conv_shortcut","time_emb_proj"'
+# ... plus conv_in, conv_out, the down/upsamplers' conv and the time embedding's linears
+TARGETS_IO="[$TARGETS,\"conv_in\",\"conv_out\",\"conv\",\"linear_1\",\"linear_2\"]"
+# OLD: the first toy preset (fake_updates 1, no NC0, rank 16, EMA off, lr 3e-4, K = 4, gamma_z 0.03, t* = 999, w 3).
+OLD="--set num_langevin_steps=4 --set gamma_eps=0.5 --set gamma_z=0.03 --set t_star=999 --set guidance_scale=3.0 --set generator_lr=3e-4 --set fake_lr=3e-4 --set lr_schedule=\"constant\" --set generator_rank=16 --set fake_rank=16 --set fake_updates=1 --set batch_size=32 --set ema_decay=0.0 --set cancel_initial_noise=false --set weighting=\"dmd\" --set target_modules=[$TARGETS]"
+# P999: the t* = 999 preset (rank 64, 5 fake updates at lr 1e-3, EMA 0.99, NC0), behind preset_* and tstar800_*.
+P999="$OLD --set generator_rank=64 --set fake_rank=64 --set fake_updates=5 --set fake_lr=1e-3 --set ema_decay=0.99 --set cancel_initial_noise=true"
+# T800: the t* = 800 preset with a constant generator lr 1e-3, behind toy_*.
+T800="$P999 --set t_star=800 --set generator_lr=1e-3"
+# K2: K = 2, gamma_z = 0, cosine from lr 2e-3, guidance 3, behind k2_*.
+K2="$T800 --set num_langevin_steps=2 --set gamma_z=0.0 --set lr_schedule=\"cosine\" --set generator_lr=2e-3"
+# Q: the guidance-2.25 preset, behind q_*.
+Q="$K2 --set guidance_scale=2.25"
 # name -> "stages|flags"
 declare -A POINTS=(
   [dmd_lr3e-4]="600|$OLD $DMD"
@@ -96,6 +99,12 @@ declare -A POINTS=(
   [q_io_cfg1.75]="600|$Q --set target_modules=$TARGETS_IO --set guidance_scale=1.75"
 )
 names=("$@")
+if [ "${1:-}" = "--print" ]; then  # name|stage|flags of every point, for tests/test_sweep_pins.py; runs nothing
+  for name in "${!POINTS[@]}"; do
+    for n in ${POINTS[$name]%%|*}; do echo "$name|$n|${POINTS[$name]#*|}"; done
+  done
+  exit 0
+fi
 [ ${#names[@]} -gt 0 ] || names=("${!POINTS[@]}")
 for name in "${names[@]}"; do
   spec=${POINTS[$name]:?unknown point $name}
