@@ -12,6 +12,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from emd_t2i.config import EVAL_PROMPTS
 from emd_t2i.evaluate import one_step_images, toy_report
 from emd_t2i.export import FACTS_FILE, export_run
 
@@ -19,7 +20,7 @@ from emd_t2i.export import FACTS_FILE, export_run
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders whose latest checkpoint has an EMA")
-    parser.add_argument("--n", type=int, default=960, help="evaluation prompts")
+    parser.add_argument("--n", type=int, default=EVAL_PROMPTS, help=f"evaluation prompts [default: {EVAL_PROMPTS}]")
     args = parser.parse_args()
     print("| run | weights | all three | diversity 1 x 64 | diversity 3 x 192 | Frechet to real |\n"
           "|---|---|---|---|---|---|")

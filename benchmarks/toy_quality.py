@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from emd_t2i.config import build_config
+from emd_t2i.config import EVAL_PROMPTS, build_config
 from emd_t2i.evaluate import one_step_images, toy_report
 from emd_t2i.export import export_run, one_step_scheduler
 from emd_t2i.teachers import TOY_TEACHER_DIR
@@ -25,8 +25,7 @@ from emd_t2i.toy import metrics
 from emd_t2i.train import distill
 
 # The teacher rows are the reference of issue 5's bar: sampled with guidance 3 in every table so far, whatever
-# guidance the students distill with (a distillation knob: the guided score (C1) is that of p(x|c)^w p(x)^(1-w),
-# sharper than what the CFG sampler draws at the same w).
+# guidance the students distill with (for them a distillation knob; `--guidance` gives teacher rows at another w).
 TEACHER_GUIDANCE = 3.0
 DMD = {"num_langevin_steps": 1, "gamma_eps": 2.0, "gamma_z": 0.0, "noise_cancellation": True}
 
@@ -57,7 +56,7 @@ def parse_sets(pairs: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=960, help="evaluation prompts (accuracy +-0.01 at 960)")
+    parser.add_argument("--n", type=int, default=EVAL_PROMPTS, help=f"evaluation prompts [default: {EVAL_PROMPTS}]")
     parser.add_argument("--guidance", type=float, default=None, help=f"teacher guidance [default: {TEACHER_GUIDANCE}]")
     parser.add_argument("--rows", nargs="+", default=["teacher25", "teacher50", "teacher1", "emd", "dmd"])
     parser.add_argument("--set", action="append", default=[], help="override a distill flag of the EMD row: KEY=VALUE")

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from .config import PRESETS, DistillConfig, build_config
+from .config import EVAL_PROMPTS, PRESETS, DistillConfig, build_config
 from .errors import UserError
 
 app = typer.Typer(
@@ -233,7 +233,7 @@ def sample(
 @user_errors
 def evaluate(
     model: Annotated[str | None, typer.Option(help="export folder or run folder [default: newest runs/*/export]")] = None,
-    n: Annotated[int, typer.Option(help="evaluation prompts (960: accuracy +-0.01, as docs/BENCHMARKS.md)")] = 960,
+    n: Annotated[int, typer.Option(help="evaluation prompts (accuracy about +-0.01 at the default)")] = EVAL_PROMPTS,
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
 ):
     """Evaluate an export (toy teacher: prompt accuracy, diversity, Frechet distance); writes eval.json."""

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import atomic_write_text
+from .config import EVAL_PROMPTS, atomic_write_text
 from .errors import UserError
 
 ImagesFn = Callable[[list[str], int], Tensor]  # (prompts, seed) -> images in [-1, 1], (N, 3, H, W)
 
 
-def toy_report(generate: ImagesFn, n: int = 960, diversity_images: int = 64, seed: int = 0,
+def toy_report(generate: ImagesFn, n: int = EVAL_PROMPTS, diversity_images: int = 64, seed: int = 0,
                diversity_prompts: int = 3, diversity_samples: int = 192) -> dict:
     """Measures of one image source on the toy domain, against real images of the same prompts.
 
@@ -62,7 +62,7 @@ def _pil_to_tensor(images) -> Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1
 
 
-def evaluate_export(model: str | Path | None, n: int = 960, device: str = "cpu") -> dict:
+def evaluate_export(model: str | Path | None, n: int = EVAL_PROMPTS, device: str = "cpu") -> dict:
     """Evaluate an export; the numbers go to the run folder's eval.json (the model card shows them)."""
     from .sample import load_facts, resolve_model
 
