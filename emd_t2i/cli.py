@@ -11,8 +11,9 @@ from typing import Annotated
 
 import typer
 
-from .config import EVAL_PROMPTS, PRESETS, DistillConfig, build_config
+from .config import EVAL_PROMPTS, PRESETS, DistillConfig, build_config, resolve_mixed_precision
 from .errors import UserError
+from .presets import preset_name
 
 app = typer.Typer(
     help="Distill a Stable Diffusion teacher into a one-step generator with EM Distillation (EMD).",
@@ -49,11 +50,35 @@ _FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
 def opt(name: str, panel: str):
     """A `--flag` for config field `name`, with the field's help text and default (None = preset or default)."""
     f = _FIELDS[name]
-    default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
     flag = "--" + name.replace("_", "-")
     decls = [f"{flag}/--no-{flag[2:]}"] if f.type in ("bool", bool) else [flag]
-    return typer.Option(*decls, help=f"{f.metadata['help']} [default: {default}]", rich_help_panel=panel,
+    return typer.Option(*decls, help=_literal(f"{f.metadata['help']} {default_text(name)}"), rich_help_panel=panel,
                         show_default=False)
+
+
+def default_text(name: str) -> str:
+    """'[default: 999; presets: toy 800, sd-1.5 800]': the value a run will use, by teacher."""
+    default = _FIELDS[name].default
+    presets = [f"{p} {_shown(values[name], default)}" for p, values in PRESETS.items() if name in values]
+    return f"[default: {_shown(default, default)}" + (f"; presets: {', '.join(presets)}]" if presets else "]")
+
+
+def _shown(value, default) -> str:
+    """A flag value as typed; LoRA targets that extend the default list show only what they add."""
+    if not isinstance(value, tuple):
+        return str(value)
+    if value != default and value[: len(default)] == default:
+        return "+" + "+".join(value[len(default):])
+    return ",".join(value)
+
+
+def _literal(text: str) -> str:
+    """Help printed as written: typer's rich markup (its default when rich is installed) eats "[default: ...]"."""
+    if typer.core.DEFAULT_MARKUP_MODE != "rich":
+        return text
+    from rich.markup import escape
+
+    return escape(text)
 
 
 RUN, EMD, OPTIM, WATCH = "Run", "EMD (docs/ALGORITHM.md)", "Optimisation", "Watching and saving"
@@ -82,6 +107,7 @@ def distill(
     generator_lr: Annotated[float | None, opt("generator_lr", OPTIM)] = None,
     fake_lr: Annotated[float | None, opt("fake_lr", OPTIM)] = None,
     lr_schedule: Annotated[str | None, opt("lr_schedule", OPTIM)] = None,
+    lr_warmup: Annotated[int | None, opt("lr_warmup", OPTIM)] = None,
     generator_rank: Annotated[int | None, opt("generator_rank", OPTIM)] = None,
     fake_rank: Annotated[int | None, opt("fake_rank", OPTIM)] = None,
     target_modules: Annotated[str | None, opt("target_modules", OPTIM)] = None,
@@ -98,6 +124,7 @@ def distill(
     keep_checkpoints: Annotated[int | None, opt("keep_checkpoints", WATCH)] = None,
     report_to: Annotated[str | None, opt("report_to", WATCH)] = None,
     device: Annotated[str | None, opt("device", WATCH)] = None,
+    profile: Annotated[bool | None, opt("profile", WATCH)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved config and check inputs; train nothing")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="start over in an --output that holds another run (the old one is moved aside)")] = False,
     no_export: Annotated[bool, typer.Option("--no-export", help="do not export at the end")] = False,
@@ -110,6 +137,7 @@ def distill(
     check_inputs(cfg)
     if dry_run:
         typer.echo(json.dumps(cfg.to_dict(), indent=2))
+        typer.echo(dry_run_summary(cfg))
         return
     from .train import distill as run_distill
 
@@ -124,6 +152,18 @@ def distill(
 
         typer.echo(f"exported to {export_run(run_dir, overwrite=True)}")
     typer.echo(f"run folder: {run_dir}")
+
+
+def dry_run_summary(cfg: DistillConfig) -> str:
+    """One line: the preset the config stands on, and the precision it will train in on this machine."""
+    import torch  # only here: `emd-t2i --help` stays fast
+
+    name = preset_name(cfg.teacher)
+    cuda = torch.cuda.is_available()
+    device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and cuda) else "cpu"
+    precision = resolve_mixed_precision(cfg.mixed_precision, device_type, cuda and torch.cuda.is_bf16_supported())
+    applied = f"preset: {name}" if name else "no preset: plain defaults"
+    return f"{applied}; mixed precision: {cfg.mixed_precision} -> {precision} on this machine ({device_type})"
 
 
 def check_inputs(cfg: DistillConfig) -> None:

@@ -1,4 +1,4 @@
-"""The one validated, frozen configuration of a distillation run, its presets, and its config.json."""
+"""The one validated, frozen configuration of a distillation run, resolved over its preset, and its config.json."""
 
 from __future__ import annotations
 
@@ -9,12 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .presets import DEFAULT_TARGET_MODULES, PRESETS, preset_name
 
-DEFAULT_TARGET_MODULES = (
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "time_emb_proj",
-)
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 WEIGHTINGS = ("dmd", "none")
 LR_SCHEDULES = ("constant", "cosine")
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -24,7 +21,7 @@ EVAL_PROMPTS = 960
 # moved to another disk resumes from where it now is.
 RESUMABLE_FIELDS = frozenset(
     {"output", "iterations", "checkpoint_every", "keep_checkpoints", "validate_every", "log_every", "report_to",
-     "device"}
+     "device", "profile"}
 )
 
 
@@ -62,13 +59,17 @@ class DistillConfig:
     fake_lr: float = _opt("learning rate of the fake-score LoRA", default=1e-4)
     lr_schedule: str = _opt("constant | cosine (both learning rates decay to 0 over --iterations)",
                             default="constant")
+    lr_warmup: int = _opt("iterations of linear learning-rate warmup from 0 (both learning rates, before the "
+                          "constant/cosine schedule)", default=0)
     generator_rank: int = _opt("LoRA rank of the generator", default=64)
     fake_rank: int = _opt("LoRA rank of the fake score", default=64)
     target_modules: tuple[str, ...] = _opt("UNet modules that get LoRA", default=DEFAULT_TARGET_MODULES)
     max_grad_norm: float = _opt("gradient clipping (0 turns it off)", default=1.0)
     ema_decay: float = _opt("EMA decay of the generator weights; the EMA is what is exported (0: off)", default=0.0)
     grad_accum: int = _opt("gradient accumulation steps", default=1)
-    mixed_precision: str = _opt("no | fp16 | bf16 (frozen base in half precision, LoRA in fp32)", default="no")
+    mixed_precision: str = _opt("auto | no | fp16 | bf16 (frozen base in half precision, LoRA in fp32); auto = bf16 "
+                                "on CUDA (fp16 where the GPU lacks bf16), no on CPU; fp16 keeps a dynamic loss scaler",
+                                default="auto")
     gradient_checkpointing: bool = _opt("recompute UNet activations in backward", default=False)
     seed: int = _opt("seed of everything; a CPU run is reproducible bit for bit", default=0)
     # --- watching and saving
@@ -79,6 +80,8 @@ class DistillConfig:
     keep_checkpoints: int = _opt("checkpoints kept (older ones are deleted)", default=2)
     report_to: str = _opt("none | tensorboard | wandb (JSONL logs are always written)", default="none")
     device: str = _opt("auto | cpu | cuda | cuda:N", default="auto")
+    profile: bool = _opt("time UNet forward/backward apart from the rest of the iteration (synchronises CUDA after "
+                         "each UNet call, a little slower)", default=False)
 
     def __post_init__(self):
         for problem in _problems(self):
@@ -122,12 +125,14 @@ def _problems(c: DistillConfig):
     for name in positive:
         if getattr(c, name) < 1:
             yield f"{flag(name)} must be >= 1 (got {getattr(c, name)})"
-    for name in ("gamma_eps", "gamma_z", "max_grad_norm", "validate_every", "num_validation_prompts"):
+    for name in ("gamma_eps", "gamma_z", "max_grad_norm", "validate_every", "num_validation_prompts", "lr_warmup"):
         if getattr(c, name) < 0:
             yield f"{flag(name)} must be >= 0 (got {getattr(c, name)})"
     for name in ("generator_lr", "fake_lr"):
         if not getattr(c, name) > 0:
             yield f"{flag(name)} must be > 0 (got {getattr(c, name)})"
+    if c.lr_warmup >= c.iterations >= 1:
+        yield f"--lr-warmup must be < --iterations (got {c.lr_warmup} >= {c.iterations}): lower --lr-warmup"
     if not 0 <= c.ema_decay < 1:
         yield f"--ema-decay must be in [0, 1) (0 turns the EMA off; got {c.ema_decay})"
     if c.gamma_eps > 2:
@@ -152,35 +157,20 @@ def _problems(c: DistillConfig):
         yield f"--device must be auto, cpu, cuda or cuda:N (got {c.device!r})"
 
 
-# Defaults per teacher, applied under the flags a user gave. Numbers for `toy` come from docs/BENCHMARKS.md
-# ("Sweep"): rank 64 and 5 fake-score updates per generator update were the largest gains, a faster fake score
-# (lr 1e-3) helped; t* = 800 beat 999, 900, 700, 600 and 500 (G1 amplifies the generator's eps error by
-# sigma/alpha: 14.6 at t* = 999, 5.1 at 800). Within the 15-minute CPU quickstart, accuracy grows with the number
-# of generator updates: gamma_z = 0 (no generator VJPs in the E-step) and K = 2 make an iteration ~30% cheaper,
-# which buys 600 iterations, and a cosine decay from generator lr 2e-3 gets the most out of them: 0.929 / 0.66
-# (accuracy / diversity) vs 0.863 / 0.63 for 400 constant-lr iterations at K = 4, gamma_z = 0.03. Guidance trades
-# one for the other: w = 3 / 2.5 / 2 gave accuracy 0.929 / 0.917 / 0.900 and diversity (3 prompts x 192) 0.683 /
-# 0.734 / 0.791; 2.25 sits between the bars of issue 5 (accuracy >= 0.913, diversity >= 0.756). Cheaper iterations
-# (fewer fake updates, rank 32), more fake updates, the z-chain at K = 2 and a faster fake score did not move the
-# students off that trade by more than run-to-run noise (BENCHMARKS.md, "Sweep", the q_* points). LoRA also on
-# conv_in, conv_out, the samplers' convs and the time embedding did: 0.949 accuracy at w = 2.25, and w = 1.75 turns
-# that headroom into diversity (0.951 / 0.789 in the sweep).
-PRESETS: dict[str, dict[str, Any]] = {
-    "toy": {
-        "iterations": 600, "batch_size": 32, "generator_lr": 2e-3, "fake_lr": 1e-3, "lr_schedule": "cosine",
-        "generator_rank": 64, "fake_rank": 64, "fake_updates": 5, "ema_decay": 0.99, "guidance_scale": 1.75,
-        "target_modules": DEFAULT_TARGET_MODULES + ("conv_in", "conv_out", "conv", "linear_1", "linear_2"),
-        "t_star": 800, "gamma_z": 0.0, "num_langevin_steps": 2,
-        "log_every": 10, "validate_every": 100, "checkpoint_every": 50, "num_validation_prompts": 8,
-    },
-}
-
-
 def build_config(**given: Any) -> DistillConfig:
     """The config from the flags a user gave (None = not given), over the teacher's preset, over defaults."""
     given = {k: v for k, v in given.items() if v is not None}
-    preset = PRESETS.get(given.get("teacher", DistillConfig.teacher), {})
-    return DistillConfig(**{**preset, **given})
+    name = preset_name(given.get("teacher", DistillConfig.teacher))
+    return DistillConfig(**{**PRESETS.get(name, {}), **given})
+
+
+def resolve_mixed_precision(value: str, device_type: str, bf16_supported: bool) -> str:
+    """What --mixed-precision means on a device: "auto" becomes bf16 on CUDA (fp16 without bf16), "no" elsewhere."""
+    if value != "auto":
+        return value
+    if device_type != "cuda":
+        return "no"  # most CPUs gain little speed from half precision and would lose its accuracy
+    return "bf16" if bf16_supported else "fp16"
 
 
 def atomic_write_text(path: Path, text: str) -> None:

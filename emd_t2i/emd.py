@@ -71,6 +71,56 @@ def cancel_noise(eps_k: Tensor, nu_k: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
+class EMDSettings:
+    """The E-step's chain and the M-step's weighting, bound once per run (defaults: the K = 1 DMD reduction)."""
+
+    num_steps: int = 1  # K
+    gamma_eps: float = 2.0  # (L1)
+    gamma_z: float = 0.0  # (L2); 0 keeps z at its prior draw
+    noise_cancellation: bool = True  # (NC1, NC2)
+    weighting: Weighting = "dmd"  # w(t) of (M1)
+    cancel_initial_noise: bool = False  # (NC0)
+    t_min: int = 20
+    t_max: int = 980
+
+    def __post_init__(self):
+        assert self.num_steps >= 1 and self.gamma_eps >= 0 and self.gamma_z >= 0, self
+        assert 0 <= self.t_min <= self.t_max, self
+
+    @property
+    def moves_z(self) -> bool:
+        return self.gamma_z > 0
+
+
+@dataclass(frozen=True)
+class Draws:
+    """Everything random in one generator update, sample-major: `rows(i, j)` are the draws of samples i..j-1,
+    so a batch split into micro-batches draws exactly what the whole batch does (gradient accumulation)."""
+
+    z0: Tensor  # (B, ...) z_0 ~ N(0, I)
+    eps0: Tensor  # (B, ...) eps_0 ~ N(0, I)
+    t: Tensor  # (B,) t ~ U{t_min..t_max}
+    n: Tensor  # (K, B, ...) the eps chain's noise n_k (L1)
+    m: Tensor | None  # (K, B, ...) the z chain's noise m_k (L2); None when z does not move
+
+    def rows(self, start: int, stop: int) -> Draws:
+        return Draws(self.z0[start:stop], self.eps0[start:stop], self.t[start:stop], self.n[:, start:stop],
+                     None if self.m is None else self.m[:, start:stop])
+
+
+def draw(settings: EMDSettings, shape: tuple[int, ...], rng: torch.Generator | None = None, device=None,
+         dtype: torch.dtype = torch.float32) -> Draws:
+    """z_0, eps_0, t and the chain's noise for a batch of `shape` (B, ...), in that order from `rng`."""
+    def normal(*lead):
+        return torch.randn((*lead, *shape), generator=rng, device=device, dtype=dtype)
+
+    z0, eps0 = normal(), normal()
+    t = sample_timesteps(shape[0], settings.t_min, settings.t_max, device, rng)
+    n = normal(settings.num_steps)
+    return Draws(z0, eps0, t, n, normal(settings.num_steps) if settings.moves_z else None)
+
+
+@dataclass(frozen=True)
 class EStepResult:
     """What the M-step and the fake-score update need from the E-step (all detached)."""
 
@@ -85,32 +135,26 @@ def e_step(
     generator: GeneratorFn,
     teacher_eps: EpsFn,
     fake_eps: EpsFn,
-    z0: Tensor,
-    eps0: Tensor,
-    t: Tensor,
     alphas_cumprod: Tensor,
-    num_steps: int,
-    gamma_eps: float,
-    gamma_z: float,
-    noise_cancellation: bool = True,
-    rng: torch.Generator | None = None,
+    draws: Draws,
+    settings: EMDSettings,
     x0_initial: Tensor | None = None,
-    cancel_initial_noise: bool = False,
 ) -> EStepResult:
-    """Reparametrised Langevin on (eps, z) toward pi_t (E0), K = `num_steps` steps of (E1, E2, L1, L2, NC1).
+    """Reparametrised Langevin on (eps, z) toward pi_t (E0), K steps of (E1, E2, L1, L2, NC1).
 
     Teacher and fake-score calls keep no graph. The generator keeps a graph only w.r.t. z, and only when
     gamma_z > 0; with gamma_z = 0 z never moves, so g(z_0) is computed once (or taken from `x0_initial`).
-    `cancel_initial_noise` starts (NC1) from nu_0 = eps_0 instead of 0 (docs/ALGORITHM.md, "NC0").
+    `settings.cancel_initial_noise` starts (NC1) from nu_0 = eps_0 instead of 0 (docs/ALGORITHM.md, "NC0").
+    The E- and z-updates are simultaneous: both use delta at the current (eps_k, z_k).
     """
-    assert num_steps >= 1 and gamma_eps >= 0 and gamma_z >= 0
-    alpha_t, sigma_t = alpha_sigma(alphas_cumprod, t, like=eps0)
-    z, eps, nu = z0, eps0, initial_noise(eps0, noise_cancellation and cancel_initial_noise)
-    moves_z = gamma_z > 0
-    x0 = x0_initial
-    first_x0 = x0_initial
-    for _ in range(num_steps):
-        if moves_z:
+    s = settings
+    t = draws.t
+    alpha_t, sigma_t = alpha_sigma(alphas_cumprod, t, like=draws.eps0)
+    z, eps = draws.z0, draws.eps0
+    nu = initial_noise(eps, s.noise_cancellation and s.cancel_initial_noise)
+    x0 = first_x0 = x0_initial
+    for k in range(s.num_steps):
+        if s.moves_z:
             with torch.enable_grad():
                 z_leaf = z.detach().requires_grad_(True)
                 x0_graph = generator(z_leaf)
@@ -123,19 +167,17 @@ def e_step(
         with torch.no_grad():
             eps_teacher = teacher_eps(x_t, t)
             delta = eps_teacher - fake_eps(x_t, t)
-        n_k = torch.randn(eps.shape, generator=rng, device=eps.device, dtype=eps.dtype)
-        eps_next = langevin_step(eps, grad_log_pi_eps(delta, eps), gamma_eps, n_k)
-        if noise_cancellation:
-            nu = injected_noise_step(nu, gamma_eps, n_k)
-        if moves_z:
+        eps_next = langevin_step(eps, grad_log_pi_eps(delta, eps), s.gamma_eps, draws.n[k])
+        if s.noise_cancellation:
+            nu = injected_noise_step(nu, s.gamma_eps, draws.n[k])
+        if s.moves_z:
             # Only a vector-Jacobian product w.r.t. z: no parameter gradient is accumulated.
             (jvp_delta,) = torch.autograd.grad(x0_graph, z_leaf, grad_outputs=delta.to(x0_graph.dtype))
-            m_k = torch.randn(z.shape, generator=rng, device=z.device, dtype=z.dtype)
-            z = langevin_step(z, grad_log_pi_z(jvp_delta, z, alpha_t, sigma_t), gamma_z, m_k).detach()
+            z = langevin_step(z, grad_log_pi_z(jvp_delta, z, alpha_t, sigma_t), s.gamma_z, draws.m[k]).detach()
         eps = eps_next
     return EStepResult(
         z=z.detach(),
-        eps_tilde=cancel_noise(eps, nu) if noise_cancellation else eps,
+        eps_tilde=cancel_noise(eps, nu) if s.noise_cancellation else eps,
         x0_last=x0,
         x0_hat_teacher_last=x0_from_eps(x_t, eps_teacher, alpha_t, sigma_t),
         x0_initial=first_x0,
@@ -186,33 +228,21 @@ def generator_step(
     generator: GeneratorFn,
     teacher_eps: EpsFn,
     fake_eps: EpsFn,
-    z0: Tensor,
-    eps0: Tensor,
-    t: Tensor,
     alphas_cumprod: Tensor,
-    num_steps: int,
-    gamma_eps: float,
-    gamma_z: float,
-    noise_cancellation: bool = True,
-    weighting: Weighting = "dmd",
-    rng: torch.Generator | None = None,
-    cancel_initial_noise: bool = False,
+    draws: Draws,
+    settings: EMDSettings,
 ) -> GeneratorStep:
     """E-step then the (M1) loss. With gamma_z = 0, z_K = z_0, so the one generator forward that carries the
     M-step graph also serves the whole E-step: (3K + 1) B forward rows instead of (4K + 1) B."""
-    x0_with_graph = generator(z0) if gamma_z == 0 else None
-    result = e_step(
-        generator, teacher_eps, fake_eps, z0, eps0, t, alphas_cumprod, num_steps, gamma_eps, gamma_z,
-        noise_cancellation, rng,
-        x0_initial=None if x0_with_graph is None else x0_with_graph.detach(),
-        cancel_initial_noise=cancel_initial_noise,
-    )
+    x0_with_graph = None if settings.moves_z else generator(draws.z0)
+    result = e_step(generator, teacher_eps, fake_eps, alphas_cumprod, draws, settings,
+                    x0_initial=None if x0_with_graph is None else x0_with_graph.detach())
     x0 = generator(result.z) if x0_with_graph is None else x0_with_graph
-    if weighting == "dmd":
+    if settings.weighting == "dmd":
         weight = dmd_weight(result.x0_last, result.x0_hat_teacher_last)
     else:
         weight = torch.ones(x0.shape[0], device=x0.device)
-    alpha_t, sigma_t = alpha_sigma(alphas_cumprod, t, like=x0)
+    alpha_t, sigma_t = alpha_sigma(alphas_cumprod, draws.t, like=x0)
     loss = m_step_loss(x0, result.eps_tilde, alpha_t, sigma_t, weight)
     return GeneratorStep(
         loss=loss,
@@ -222,11 +252,8 @@ def generator_step(
     )
 
 
-def fake_score_step(
-    fake_eps: EpsFn, x0: Tensor, t: Tensor, alphas_cumprod: Tensor, rng: torch.Generator | None = None
-) -> Tensor:
-    """(F1) on detached generator samples x0, with fresh eps."""
-    eps = torch.randn(x0.shape, generator=rng, device=x0.device, dtype=x0.dtype)
+def fake_score_step(fake_eps: EpsFn, x0: Tensor, t: Tensor, eps: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """(F1) on detached generator samples x0, noised with the given fresh eps at t."""
     alpha_t, sigma_t = alpha_sigma(alphas_cumprod, t, like=x0)
     x_t = alpha_t * x0.detach() + sigma_t * eps
     return fake_score_loss(fake_eps(x_t, t), eps)

@@ -95,32 +95,15 @@ class Oracle:
         return gaussian_eps(x_t, alpha_t, sigma_t, self.a.detach(), self.b.detach())
 
 
-@dataclass(frozen=True)
-class Chain:
-    """E-step settings (K, step sizes, noise cancellation) and the M-step weighting."""
-
-    num_steps: int = 1
-    gamma_eps: float = 2.0
-    gamma_z: float = 0.0
-    noise_cancellation: bool = True
-    weighting: emd.Weighting = "dmd"
-    cancel_initial_noise: bool = False
-
-
-def draw(batch: int, dim: int, rng: torch.Generator, t_min: int = 20, t_max: int = 980):
-    """z_0, eps_0 ~ N(0, I) shaped (batch, dim) and t ~ U{t_min..t_max}."""
-    z0 = torch.randn(batch, dim, generator=rng, dtype=DTYPE)
-    eps0 = torch.randn(batch, dim, generator=rng, dtype=DTYPE)
-    return z0, eps0, emd.sample_timesteps(batch, t_min, t_max, "cpu", rng)
+# E-step settings (K, step sizes, noise cancellation) and the M-step weighting; the default is DMD (K = 1).
+Chain = emd.EMDSettings
 
 
 def step_loss(oracle: Oracle, chain: Chain, batch: int, dim: int, rng: torch.Generator) -> Tensor:
     """The (M1) loss of one emd.generator_step on the oracle, with a graph to (a, b)."""
-    z0, eps0, t = draw(batch, dim, rng)
+    draws = emd.draw(chain, (batch, dim), rng, dtype=DTYPE)
     return emd.generator_step(
-        oracle.generator, oracle.teacher_eps, oracle.fake_eps, z0, eps0, t, oracle.alphas_cumprod,
-        chain.num_steps, chain.gamma_eps, chain.gamma_z, chain.noise_cancellation, chain.weighting, rng,
-        chain.cancel_initial_noise,
+        oracle.generator, oracle.teacher_eps, oracle.fake_eps, oracle.alphas_cumprod, draws, chain
     ).loss
 
 

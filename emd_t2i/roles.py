@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from peft import LoraConfig
@@ -14,6 +14,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor
 
 from .emd import generator_x0, guided_eps
+from .profiling import UNetClock
 from .schedule import alpha_sigma, eps_from_v
 
 GENERATOR = "generator"
@@ -26,11 +27,35 @@ def lora_config(rank: int, target_modules: tuple[str, ...]) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=rank, target_modules=list(target_modules), init_lora_weights=True)
 
 
+class EpsModel:
+    """A diffusers UNet as eps(x_t, t, c) in float32: the one place that knows the UNet's dtype and what it predicts.
+
+    Inputs go to the base weights' dtype (bf16/fp16 under mixed precision); the output comes back in float32,
+    and a v-prediction is turned into eps with (N2) in float32, so everything downstream ((G1), (C1), (M1),
+    (F1)) computes in float32 whatever the UNet's precision (as k-diffusion's denoiser wrappers and edm's
+    preconditioners own their network's parameterisation).
+    """
+
+    def __init__(self, unet: torch.nn.Module, alphas_cumprod: Tensor, prediction_type: str = "epsilon"):
+        assert prediction_type in ("epsilon", "v_prediction"), prediction_type
+        self.unet = unet
+        self.alphas_cumprod = alphas_cumprod
+        self.prediction_type = prediction_type
+        self.dtype = unet.dtype  # of the frozen base; read once (diffusers walks every parameter to find it)
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample.float()
+        if self.prediction_type == "v_prediction":
+            alpha_t, sigma_t = alpha_sigma(self.alphas_cumprod, t, like=out)
+            out = eps_from_v(x_t.float(), out, alpha_t, sigma_t)
+        return out
+
+
 class Roles:
     """The teacher eps_T (C1), generator g_theta (G1) and fake score eps_psi, all speaking through one UNet.
 
     The base weights exist once; each role is the UNet with one adapter (or none) switched on. Everything
-    returned is an eps-prediction in float32 (v-prediction teachers are converted with (N2)).
+    returned is an eps-prediction in float32 (see `EpsModel`).
     """
 
     def __init__(
@@ -40,20 +65,24 @@ class Roles:
         prediction_type: str = "epsilon",
         t_star: int = 999,
         guidance_scale: float = 1.0,
+        clock: UNetClock | None = None,
     ):
-        assert prediction_type in ("epsilon", "v_prediction"), prediction_type
         self.unet = unet
+        self.model = EpsModel(unet, alphas_cumprod, prediction_type)
         self.alphas_cumprod = alphas_cumprod
-        self.prediction_type = prediction_type
         self.t_star = t_star
         self.guidance_scale = guidance_scale
-        self.dtype = unet.dtype  # of the frozen base; read once (diffusers walks every parameter to find it)
+        self.clock = clock
         self._lora_layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
         self._lora_params = [p for n, p in unet.named_parameters() if "lora_" in n]
         self._fast_switch = all(hasattr(m, "_active_adapter") and hasattr(m, "_disable_adapters")
                                 for m in self._lora_layers)
         for param in self._lora_params:
             param.requires_grad_(True)
+        self.active: str | None = TEACHER
+        self.activate(TEACHER)
+        if getattr(unet, "is_gradient_checkpointing", False):  # enabled the plain diffusers way: make it role-aware
+            self.enable_gradient_checkpointing()
         self.unet_rows = 0  # UNet batch rows evaluated: the unit of cost in docs/ALGORITHM.md
 
     # ------------------------------------------------------------ adapters
@@ -67,6 +96,7 @@ class Roles:
         reads are set; every LoRA weight stays trainable, and gradients are isolated by which adapter is
         active, `no_grad` around teacher and fake calls, and `autograd.grad` w.r.t. z (tests/test_roles.py).
         """
+        self.active = adapter
         if self._fast_switch:
             for layer in self._lora_layers:
                 layer._disable_adapters = adapter is None
@@ -82,22 +112,38 @@ class Roles:
 
     @contextmanager
     def role(self, adapter: str | None):
+        """Run a block as one role, then switch back to the role that was active before."""
+        previous = self.active
         self.activate(adapter)
         try:
             yield
         finally:
-            self.activate(None)
+            self.activate(previous)
+
+    # ------------------------------------------------------------ gradient checkpointing
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute UNet blocks in backward, each under the role it ran as.
+
+        Backward comes after the E-step has switched roles (it ends on the fake score), so a recomputation under
+        whatever role is active *then* would silently differentiate the wrong network. Each checkpointed block
+        records the active role at its forward and switches to it for its recomputation.
+        """
+        self.unet.enable_gradient_checkpointing(gradient_checkpointing_func=self._checkpoint)
+
+    def _checkpoint(self, module: torch.nn.Module, *args):
+        adapter = self.active
+        return torch.utils.checkpoint.checkpoint(
+            module.__call__, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), self.role(adapter))
+        )
 
     # ------------------------------------------------------------ the three roles
     def eps(self, adapter: str | None, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """eps(x_t, t, c) of one role."""
         self.activate(adapter)
-        out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample.float()
         self.unet_rows += x_t.shape[0]
-        if self.prediction_type == "v_prediction":
-            alpha_t, sigma_t = alpha_sigma(self.alphas_cumprod, t, like=out)
-            out = eps_from_v(x_t.float(), out, alpha_t, sigma_t)
-        return out
+        if self.clock is None:
+            return self.model(x_t, t, cond)
+        return self.clock.time(self.model, x_t, t, cond)
 
     def teacher_eps(self, x_t: Tensor, t: Tensor, cond: Tensor, uncond: Tensor) -> Tensor:
         """(C1) guided teacher eps, as ONE batched UNet call over [uncond; cond]."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -14,11 +13,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import DistillConfig
+from .config import DistillConfig, resolve_mixed_precision
 from .ema import ema_decay_at, update_ema
-from .emd import fake_score_step, generator_step, sample_timesteps
+from .emd import EMDSettings
 from .errors import UserError
 from .images import decode_latents, make_grid, to_pil
+from .interrupt import Interrupted, StopRequest
+from .iteration import Window, fake_score_updates, finite_iteration, generator_update, make_batch, spread
+from .optim import lr_scale, make_scaler
+from .profiling import UNetClock
 from .prompts import EmbeddingCache, load_prompts, truncate_report
 from .roles import (
     FAKE_SCORE,
@@ -74,31 +77,6 @@ def truncate_log(path: Path, last_step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-# ---------------------------------------------------------------- randomness and data order
-def step_rng(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
-    """Per-step reseeding from (seed, rank, step): a resumed run draws exactly what an uninterrupted one does."""
-    state = int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(state)
-
-
-def spread(items: list, n: int) -> list:
-    """n items evenly spaced through a list (validation prompts that cover a dataset, not its first lines)."""
-    return [items[i * len(items) // n] for i in range(n)] if len(items) > n else list(items)
-
-
-def batch_prompts(prompts: list[str], seed: int, step: int, rank: int, world: int, batch: int) -> list[str]:
-    """The prompts of one (step, rank): consecutive slices of per-epoch permutations, so every prompt is seen
-    once per epoch; the data position is a function of the step (nothing else to checkpoint)."""
-    n = len(prompts)
-    start = (step * world + rank) * batch
-    out = []
-    for position in range(start, start + batch):
-        epoch, index = divmod(position, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(prompts[int(order[index])])
-    return out
-
-
 # ---------------------------------------------------------------- pieces of the loop
 @dataclass
 class Run:
@@ -107,6 +85,8 @@ class Run:
     roles: Roles
     opt_generator: torch.optim.Optimizer
     opt_fake: torch.optim.Optimizer
+    scaler_generator: torch.amp.GradScaler
+    scaler_fake: torch.amp.GradScaler
     ema: list[torch.Tensor] | None = None  # EMA of the generator LoRA weights, in adapter_parameters order
     step: int = 0
     bad_steps: int = 0
@@ -120,33 +100,46 @@ class Run:
 
 
 def make_accelerator(cfg: DistillConfig, run_dir: Path):
+    """Processes, devices and trackers. Precision is not accelerate's job here: the loop owns its autocast and
+    one loss scaler per optimizer (`optim.py`), the same on every device."""
     from accelerate import Accelerator
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device}: no CUDA device is visible; use --device cpu")
     log_with = None if cfg.report_to == "none" else cfg.report_to
-    if _accelerator_state_differs(cfg.mixed_precision, cpu):
+    if _accelerator_state_differs(cpu):
         # accelerate keeps a process-wide singleton; a second run in the same process (a notebook, a sweep,
-        # the test suite) with another precision would be refused. The process group itself is kept.
+        # the test suite) on another device would be refused. The process group itself is kept.
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu, log_with=log_with, project_dir=str(run_dir))
+    return Accelerator(mixed_precision="no", cpu=cpu, log_with=log_with, project_dir=str(run_dir))
 
 
-def _accelerator_state_differs(mixed_precision: str, cpu: bool) -> bool:
+def _accelerator_state_differs(cpu: bool) -> bool:
     from accelerate.state import AcceleratorState
 
     state = AcceleratorState._shared_state
     if not state:
         return False
-    return state.get("_mixed_precision") != mixed_precision or (cpu and state.get("device", torch.device("cpu")).type != "cpu")
+    return state.get("_mixed_precision") != "no" or (cpu and state.get("device", torch.device("cpu")).type != "cpu")
+
+
+def mixed_precision_on(device: torch.device, requested: str) -> str:
+    """What --mixed-precision means on this device ("auto": bf16 on CUDA, as DMD2 trains; none on CPU)."""
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return resolve_mixed_precision(requested, device.type, bf16)
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:
     """The frozen base goes to half precision under mixed precision; LoRA weights stay float32."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def emd_settings(cfg: DistillConfig) -> EMDSettings:
+    return EMDSettings(cfg.num_langevin_steps, cfg.gamma_eps, cfg.gamma_z, cfg.noise_cancellation, cfg.weighting,
+                       cfg.cancel_initial_noise, cfg.t_min, cfg.t_max)
 
 
 def save(run: Run, run_dir: Path, cfg: DistillConfig, accelerator) -> Path | None:
@@ -157,6 +150,8 @@ def save(run: Run, run_dir: Path, cfg: DistillConfig, accelerator) -> Path | Non
         "step": run.step,
         "opt_generator": run.opt_generator.state_dict(),
         "opt_fake": run.opt_fake.state_dict(),
+        "scaler_generator": run.scaler_generator.state_dict(),
+        "scaler_fake": run.scaler_fake.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -181,6 +176,9 @@ def resume(run: Run, run_dir: Path) -> None:
     state = ckpt.load_training_state(latest)
     run.opt_generator.load_state_dict(state["opt_generator"])
     run.opt_fake.load_state_dict(state["opt_fake"])
+    if state.get("scaler_generator"):
+        run.scaler_generator.load_state_dict(state["scaler_generator"])
+        run.scaler_fake.load_state_dict(state["scaler_fake"])
     torch.set_rng_state(state["torch_rng"])
     run.step = state["step"]
     truncate_log(run_dir / "log.jsonl", run.step)
@@ -203,43 +201,8 @@ def validation_grid(run: Run, cache: EmbeddingCache, prompts: list[str], teacher
     return grid
 
 
-def average_gradients(accelerator, params) -> None:
-    """All-reduce (mean) LoRA gradients across processes. The UNet is not wrapped in DDP: its forwards use a
-    different parameter subset per role and several forwards precede one backward, which DDP's reducer does
-    not allow; one explicit all-reduce per optimizer step is equivalent and simpler."""
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    assert len(grads) == len(params), "every LoRA weight of the role being trained must have a gradient"
-    flat = torch.cat([g.flatten() for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= accelerator.num_processes
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def clip_and_step(accelerator, optimizer, params, max_norm: float) -> float:
-    """Average, clip and step; a non-finite gradient norm (the same on every rank) skips the step."""
-    average_gradients(accelerator, params)
-    norm = float(accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
-    if math.isfinite(norm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
-
-
-def lr_scale(schedule: str, step: int, iterations: int) -> float:
-    """The factor on both base learning rates at a step: 1 (constant), or a cosine from 1 to 0 over the run.
-    A function of the step alone, so a resumed run continues the same curve with nothing to checkpoint."""
-    if schedule == "constant":
-        return 1.0
-    return 0.5 * (1 + math.cos(math.pi * min(step, iterations) / iterations))
-
-
 def set_learning_rates(run: Run, cfg: DistillConfig) -> float:
-    scale = lr_scale(cfg.lr_schedule, run.step, cfg.iterations)
+    scale = lr_scale(cfg.lr_schedule, run.step, cfg.iterations, cfg.lr_warmup)
     for optimizer, base in ((run.opt_generator, cfg.generator_lr), (run.opt_fake, cfg.fake_lr)):
         for group in optimizer.param_groups:
             group["lr"] = base * scale
@@ -249,27 +212,37 @@ def set_learning_rates(run: Run, cfg: DistillConfig) -> float:
 # ---------------------------------------------------------------- the loop
 def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None = None) -> Path:
     """Run (or resume) EMD distillation. `stop_after` ends early after that many iterations in this call
-    (checkpointing first), as a crash or Ctrl-C would; running again continues."""
+    (checkpointing first), as a crash would; running again continues. SIGINT / SIGTERM finish the iteration
+    in progress, save it, and raise `Interrupted`."""
     run_dir = Path(cfg.output)
     accelerator = make_accelerator(cfg, run_dir)
     if accelerator.is_main_process:
         prepare_run_dir(cfg, overwrite)
     accelerator.wait_for_everyone()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    precision = mixed_precision_on(device, cfg.mixed_precision)
+    if device.type == "cuda":  # TF32 for the float32 work (LoRA matmuls, the EMD math); bf16/fp16 is unaffected
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats(device)
 
-    # Teacher, one UNet in three roles, optimizers.
-    teacher = load_teacher(cfg.teacher, dtype=weight_dtype(cfg.mixed_precision), device=device)
+    # Teacher, one UNet in three roles, optimizers, loss scalers.
+    teacher = load_teacher(cfg.teacher, dtype=weight_dtype(precision), device=device)
     unet = teacher.unet
     torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn at random (B = 0): seed them for reproducible runs
     add_roles(unet, cfg.generator_rank, cfg.fake_rank, cfg.target_modules)
+    clock = UNetClock(device) if cfg.profile else None
+    roles = Roles(unet, teacher.alphas_cumprod, teacher.prediction_type, cfg.t_star, cfg.guidance_scale, clock)
     if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    roles = Roles(unet, teacher.alphas_cumprod, teacher.prediction_type, cfg.t_star, cfg.guidance_scale)
+        roles.enable_gradient_checkpointing()
     gen_params, fake_params = adapter_parameters(unet, GENERATOR), adapter_parameters(unet, FAKE_SCORE)
     opt_g = torch.optim.AdamW(gen_params, lr=cfg.generator_lr, weight_decay=0.0)
     opt_f = torch.optim.AdamW(fake_params, lr=cfg.fake_lr, weight_decay=0.0)
-    opt_g, opt_f = accelerator.prepare(opt_g, opt_f)
-    run = Run(roles, opt_g, opt_f, ema=[p.detach().clone() for p in gen_params] if cfg.ema_decay > 0 else None)
+    run = Run(roles, opt_g, opt_f, make_scaler(device, precision), make_scaler(device, precision),
+              ema=[p.detach().clone() for p in gen_params] if cfg.ema_decay > 0 else None)
+    settings = emd_settings(cfg)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=weight_dtype(precision), enabled=precision != "no")
 
     # Prompts, their embeddings (each encoded once), the null prompt for guidance.
     prompts = load_prompts(cfg.prompts, column=cfg.prompt_column) if cfg.prompts else default_prompts(cfg)
@@ -282,90 +255,60 @@ def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None 
         accelerator.init_trackers("emd-t2i", config={k: str(v) for k, v in cfg.to_dict().items()})
     (run_dir / "samples").mkdir(exist_ok=True)
     log_path = run_dir / "log.jsonl"
-    latent_shape = (cfg.batch_size, teacher.latent_channels, teacher.latent_size, teacher.latent_size)
+    latent_shape = (teacher.latent_channels, teacher.latent_size, teacher.latent_size)
     last_step = cfg.iterations if stop_after is None else min(cfg.iterations, run.step + stop_after)
     bar = tqdm(total=cfg.iterations, initial=run.step, disable=not accelerator.is_main_process, desc="emd")
-    tic, rows_at_tic, step_at_tic = time.perf_counter(), roles.unet_rows, run.step
+    window = Window.start(run, clock)
     try:
-        while run.step < last_step:
-            stats = {"loss_generator": 0.0, "loss_fake": 0.0, "weight": 0.0, "eps_tilde_rms": 0.0,
-                     "lr_scale": set_learning_rates(run, cfg)}
-            fake_samples = []
-            # ---- E-step and M-step (M1), over gradient-accumulation micro-batches
-            for micro in range(cfg.grad_accum):
-                rng = step_rng(cfg.seed, rank, run.step * cfg.grad_accum + micro, device)
-                batch = batch_prompts(prompts, cfg.seed, run.step * cfg.grad_accum + micro, rank, world,
-                                      cfg.batch_size)
-                cond = cache.get(batch, device=device)
-                uncond = cache.null_embedding(device=device).expand_as(cond)
-                z0 = torch.randn(latent_shape, generator=rng, device=device)
-                eps0 = torch.randn(latent_shape, generator=rng, device=device)
-                t = sample_timesteps(cfg.batch_size, cfg.t_min, cfg.t_max, device, rng)
-                generator, teacher_eps, fake_eps = roles.bind(cond, uncond)
-                with accelerator.autocast():
-                    g = generator_step(
-                        generator, teacher_eps, fake_eps, z0, eps0, t, teacher.alphas_cumprod, cfg.num_langevin_steps, cfg.gamma_eps,
-                        cfg.gamma_z, cfg.noise_cancellation, cfg.weighting, rng, cfg.cancel_initial_noise,
-                    )
-                accelerator.backward(g.loss / cfg.grad_accum)
-                fake_samples.append((g.x0_sample, generator, fake_eps, rng))
-                stats["loss_generator"] += g.loss.item() / cfg.grad_accum
-                stats["weight"] += g.weight_mean / cfg.grad_accum
-                stats["eps_tilde_rms"] += g.eps_tilde_rms / cfg.grad_accum
-            stats["grad_norm_generator"] = clip_and_step(accelerator, opt_g, gen_params, cfg.max_grad_norm)
-            if run.ema is not None:
-                update_ema(run.ema, gen_params, ema_decay_at(cfg.ema_decay, run.step))
+        with StopRequest() as stop:
+            while run.step < last_step:
+                stats = {"loss_generator": 0.0, "loss_fake": 0.0, "weight": 0.0, "eps_tilde_rms": 0.0,
+                         "lr_scale": set_learning_rates(run, cfg)}
+                batch = make_batch(cfg, settings, prompts, cache, latent_shape, run.step, rank, world, device)
+                x0_samples = generator_update(run, cfg, settings, batch, teacher.alphas_cumprod, autocast, world,
+                                              stats)
+                if run.ema is not None:
+                    update_ema(run.ema, gen_params, ema_decay_at(cfg.ema_decay, run.step))
+                fake_score_updates(run, cfg, batch, x0_samples, teacher.alphas_cumprod, autocast, world, stats)
 
-            # ---- fake-score updates (F1): the first on g(z_0) from the E-step, further ones on fresh samples
-            for update in range(cfg.fake_updates):
-                for x0, generator, fake_eps, rng in fake_samples:
-                    if update > 0:
-                        with torch.no_grad(), accelerator.autocast():
-                            x0 = generator(torch.randn(latent_shape, generator=rng, device=device))
-                    t = sample_timesteps(cfg.batch_size, cfg.t_min, cfg.t_max, device, rng)
-                    with accelerator.autocast():
-                        loss_f = fake_score_step(fake_eps, x0, t, teacher.alphas_cumprod, rng)
-                    accelerator.backward(loss_f / (cfg.grad_accum * cfg.fake_updates))
-                    stats["loss_fake"] += loss_f.item() / (cfg.grad_accum * cfg.fake_updates)
-                stats["grad_norm_fake"] = clip_and_step(accelerator, opt_f, fake_params, cfg.max_grad_norm)
-            roles.activate(None)
+                # ---- no NaN is hidden: non-finite steps were skipped above; count them, stop when they persist
+                if not finite_iteration(stats, precision == "fp16"):
+                    run.bad_steps += 1
+                    if run.bad_steps >= MAX_BAD_STEPS:
+                        save(run, run_dir, cfg, accelerator)
+                        raise FloatingPointError(
+                            f"{MAX_BAD_STEPS} non-finite losses in a row at iteration {run.step}; lower the "
+                            "learning rates or use bf16 instead of fp16")
+                else:
+                    run.bad_steps = 0
+                run.step += 1
+                bar.update(1)
 
-            # ---- no NaN is hidden: non-finite steps were skipped above; count them, stop when they persist
-            if not all(math.isfinite(stats[k]) for k in ("grad_norm_generator", "grad_norm_fake")):
-                run.bad_steps += 1
-                if run.bad_steps >= MAX_BAD_STEPS:
+                # ---- watch: logs, grids, checkpoints
+                if run.step % cfg.log_every == 0 or run.step == last_step:
+                    stats.update(step=run.step, non_finite=run.bad_steps, **window.read(run, clock, device))
+                    if precision == "fp16":
+                        stats["loss_scale"] = run.scaler_generator.get_scale()
+                    window = Window.start(run, clock)
+                    bar.set_postfix(g=f"{stats['loss_generator']:.4f}", f=f"{stats['loss_fake']:.4f}",
+                                    gn=f"{stats['grad_norm_generator']:.3f}", its=f"{stats['it_per_s']:.2f}")
+                    if accelerator.is_main_process:
+                        append_jsonl(log_path, stats)
+                        accelerator.log({k: v for k, v in stats.items() if k != "step"}, step=run.step)
+                if accelerator.is_main_process and (
+                    (cfg.validate_every and run.step % cfg.validate_every == 0) or run.step == cfg.iterations
+                ):
+                    grid = validation_grid(run, cache, validation_prompts, teacher, cfg.seed,
+                                           run_dir / "samples" / f"step-{run.step:06d}.png")
+                    _log_image(accelerator, cfg, grid, run.step)
+                saved = run.step % cfg.checkpoint_every == 0 or run.step == last_step
+                if saved:
                     save(run, run_dir, cfg, accelerator)
-                    raise FloatingPointError(f"{MAX_BAD_STEPS} non-finite losses in a row at iteration {run.step}; "
-                                             "lower the learning rates or use bf16 instead of fp16")
-            else:
-                run.bad_steps = 0
-            run.step += 1
-            bar.update(1)
-
-            # ---- watch: logs, grids, checkpoints
-            if run.step % cfg.log_every == 0 or run.step == last_step:
-                elapsed = time.perf_counter() - tic
-                stats.update(step=run.step, it_per_s=(run.step - step_at_tic) / elapsed,
-                             unet_rows_per_it=(roles.unet_rows - rows_at_tic) / max(run.step - step_at_tic, 1),
-                             non_finite=run.bad_steps)
-                tic, rows_at_tic, step_at_tic = time.perf_counter(), roles.unet_rows, run.step
-                bar.set_postfix(g=f"{stats['loss_generator']:.4f}", f=f"{stats['loss_fake']:.4f}",
-                                gn=f"{stats['grad_norm_generator']:.3f}", its=f"{stats['it_per_s']:.2f}")
-                if accelerator.is_main_process:
-                    append_jsonl(log_path, stats)
-                    accelerator.log({k: v for k, v in stats.items() if k != "step"}, step=run.step)
-            if accelerator.is_main_process and (
-                (cfg.validate_every and run.step % cfg.validate_every == 0) or run.step == cfg.iterations
-            ):
-                grid = validation_grid(run, cache, validation_prompts, teacher, cfg.seed,
-                                       run_dir / "samples" / f"step-{run.step:06d}.png")
-                _log_image(accelerator, cfg, grid, run.step)
-            if run.step % cfg.checkpoint_every == 0 or run.step == last_step:
-                save(run, run_dir, cfg, accelerator)
-    except KeyboardInterrupt:
-        path = save(run, run_dir, cfg, accelerator)
-        print(f"\ninterrupted: saved {path}; run the same command again to resume")
-        raise
+                signum = stop.agreed(world, device)
+                if signum is not None:
+                    path = save(run, run_dir, cfg, accelerator) if not saved else ckpt.checkpoint_dir(run_dir, run.step)
+                    print(f"stopped after iteration {run.step}: saved {path}; run the same command again to resume")
+                    raise Interrupted(signum)
     finally:
         bar.close()
         accelerator.end_training()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from emd_t2i.config import PRESETS, DistillConfig, build_config
+from emd_t2i.config import PRESETS, DistillConfig, build_config, resolve_mixed_precision
 from emd_t2i.errors import UserError
 
 
@@ -38,3 +38,40 @@ def test_iterations_resume_freely_only_under_a_constant_lr():
     assert constant.differences(build_config(teacher="toy", lr_schedule="constant", iterations=800)) == []
     cosine = build_config(teacher="toy", lr_schedule="cosine")
     assert cosine.differences(build_config(teacher="toy", lr_schedule="cosine", iterations=800)) == ["--iterations"]
+
+
+@pytest.mark.parametrize(
+    "value, device_type, bf16, expected",
+    [("auto", "cuda", True, "bf16"), ("auto", "cuda", False, "fp16"), ("auto", "cpu", True, "no"),
+     ("auto", "mps", False, "no"), ("fp16", "cuda", True, "fp16"), ("bf16", "cpu", False, "bf16"),
+     ("no", "cuda", True, "no")],
+)
+def test_auto_mixed_precision_resolves_by_device_and_explicit_values_stay(value, device_type, bf16, expected):
+    assert resolve_mixed_precision(value, device_type, bf16) == expected
+
+
+def test_auto_is_the_default_mixed_precision_and_unknown_values_name_the_flag():
+    assert DistillConfig().mixed_precision == "auto"
+    with pytest.raises(UserError, match="--mixed-precision must be one of auto, no, fp16, bf16"):
+        DistillConfig(mixed_precision="fp8")
+
+
+@pytest.mark.parametrize("warmup, message", [(-1, "--lr-warmup must be >= 0"),
+                                             (100, "--lr-warmup must be < --iterations")])
+def test_lr_warmup_outside_the_run_is_a_user_error(warmup, message):
+    with pytest.raises(UserError, match=message):
+        DistillConfig(iterations=100, lr_warmup=warmup)
+    assert DistillConfig(iterations=100, lr_warmup=99).lr_warmup == 99
+
+
+def test_profiling_can_be_switched_on_a_resumed_run_but_warmup_cannot():
+    run = DistillConfig()
+    assert run.differences(DistillConfig(profile=True)) == []
+    assert run.differences(DistillConfig(lr_warmup=10)) == ["--lr-warmup"]
+
+
+def test_config_json_without_the_new_fields_still_loads(tmp_path):
+    """A config.json written before --lr-warmup / --profile existed resumes with their defaults."""
+    old = {k: v for k, v in build_config(teacher="toy").to_dict().items() if k not in ("lr_warmup", "profile")}
+    cfg = DistillConfig.from_dict(old)
+    assert cfg.lr_warmup == 0 and cfg.profile is False and cfg == build_config(teacher="toy")

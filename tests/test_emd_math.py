@@ -69,15 +69,26 @@ def draws(batch=8, dim=6, seed=0):
     return z0, eps0, emd.sample_timesteps(batch, 20, 980, "cpu", rng)
 
 
+def chain(K=1, g_eps=2.0, g_z=0.0, nc=True, weighting="dmd", cancel_initial_noise=False):
+    return emd.EMDSettings(K, g_eps, g_z, nc, weighting, cancel_initial_noise)
+
+
+def chain_draws(settings, seed, batch=8, dim=6):
+    """draws() plus the chain's noise, drawn from `seed` (n_0..n_{K-1}, then m_0..m_{K-1})."""
+    z0, eps0, t = draws(batch, dim)
+    rng = torch.Generator().manual_seed(seed)
+    n = torch.randn(settings.num_steps, batch, dim, generator=rng, dtype=D64)
+    m = torch.randn(settings.num_steps, batch, dim, generator=rng, dtype=D64) if settings.moves_z else None
+    return emd.Draws(z0, eps0, t, n, m)
+
+
 def param_grads(loss, module):
     return [g.clone() for g in torch.autograd.grad(loss, list(module.parameters()))]
 
 
 def emd_grads(gen, teacher, fake, K, g_eps, g_z, nc, seed=123, weighting="dmd"):
-    z0, eps0, t = draws()
-    step = emd.generator_step(
-        gen, teacher, fake, z0, eps0, t, ACP, K, g_eps, g_z, nc, weighting, torch.Generator().manual_seed(seed)
-    )
+    settings = chain(K, g_eps, g_z, nc, weighting)
+    step = emd.generator_step(gen, teacher, fake, ACP, chain_draws(settings, seed), settings)
     return param_grads(step.loss, gen)
 
 
@@ -110,7 +121,7 @@ def test_k1_gamma2_without_cancellation_carries_sqrt2_n0():
     gen, teacher, fake = roles()
     got = emd_grads(gen, teacher, fake, K=1, g_eps=2.0, g_z=0.0, nc=False, seed=123)
     z0, eps0, t = draws()
-    n0 = torch.randn(eps0.shape, generator=torch.Generator().manual_seed(123), dtype=D64)  # emd draws n_0 first
+    n0 = chain_draws(chain(), 123).n[0]
     dmd = param_grads(dmd2_loss(gen, teacher, fake, z0, eps0, t), gen)
     want = param_grads(dmd2_loss(gen, teacher, fake, z0, eps0, t, extra_eps=math.sqrt(2) * n0), gen)
     for g, w, d in zip(got, want, dmd):
@@ -192,34 +203,34 @@ def test_l1_stationary_variance_on_a_gaussian():
 def test_nc1_nc2_remove_exactly_the_injected_noise():
     """With teacher == fake (delta = 0), eps_K = (1 - gamma/2)^K eps_0 + nu_K, so eps_tilde is deterministic."""
     gen, _, fake = roles()
-    z0, eps0, t = draws()
+    _z0, eps0, _t = draws()
     K, gamma = 5, 0.7
-    on = emd.e_step(gen, fake, fake, z0, eps0, t, ACP, K, gamma, 0.0, True, torch.Generator().manual_seed(1))
+    on = emd.e_step(gen, fake, fake, ACP, chain_draws(chain(K, gamma), 1), chain(K, gamma))
     torch.testing.assert_close(on.eps_tilde, (1 - gamma / 2) ** K * eps0)
-    off = emd.e_step(gen, fake, fake, z0, eps0, t, ACP, K, gamma, 0.0, False, torch.Generator().manual_seed(1))
-    rng, nu = torch.Generator().manual_seed(1), torch.zeros_like(eps0)
+    off_draws = chain_draws(chain(K, gamma, nc=False), 1)
+    off = emd.e_step(gen, fake, fake, ACP, off_draws, chain(K, gamma, nc=False))
+    nu = torch.zeros_like(eps0)
     for k in range(K):
-        nu = nu + (1 - gamma / 2) ** (K - 1 - k) * math.sqrt(gamma) * torch.randn(eps0.shape, generator=rng, dtype=D64)
+        nu = nu + (1 - gamma / 2) ** (K - 1 - k) * math.sqrt(gamma) * off_draws.n[k]
     torch.testing.assert_close(off.eps_tilde, (1 - gamma / 2) ** K * eps0 + nu)
 
 
 def test_nc0_removes_the_initial_draw_too():
     """With teacher == fake (delta = 0) and nu_0 = eps_0 (NC0), nothing model-free is left: eps_tilde = 0."""
     gen, _, fake = roles()
-    z0, eps0, t = draws()
-    out = emd.e_step(gen, fake, fake, z0, eps0, t, ACP, 5, 0.7, 0.0, True, torch.Generator().manual_seed(1),
-                     cancel_initial_noise=True)
+    _z0, eps0, _t = draws()
+    settings = chain(5, 0.7, cancel_initial_noise=True)
+    out = emd.e_step(gen, fake, fake, ACP, chain_draws(settings, 1), settings)
     torch.testing.assert_close(out.eps_tilde, torch.zeros_like(eps0))
 
 
 def test_nc0_keeps_the_dmd_reduction():
     """K = 1, gamma_eps = 2: (L1) multiplies eps_0 by 1 - 2/2 = 0, so NC0 changes nothing."""
     gen, teacher, fake = roles()
-    z0, eps0, t = draws()
 
     def grads(cancel_initial):
-        step = emd.generator_step(gen, teacher, fake, z0, eps0, t, ACP, 1, 2.0, 0.0, True, "dmd",
-                                  torch.Generator().manual_seed(5), cancel_initial)
+        settings = chain(cancel_initial_noise=cancel_initial)
+        step = emd.generator_step(gen, teacher, fake, ACP, chain_draws(settings, 5), settings)
         return param_grads(step.loss, gen)
 
     for a, b in zip(grads(True), grads(False)):
@@ -268,20 +279,20 @@ def test_dmd_weight_and_timesteps():
 def test_unet_rows_per_iteration(K, g_z):
     gen, teacher, fake = roles()
     gen_c, teacher_c, fake_c = Counted(gen), Counted(teacher, rows_per_sample=2), Counted(fake)
-    z0, eps0, t = draws()
+    z0, _eps0, t = draws()
     B = z0.shape[0]
-    step = emd.generator_step(gen_c, teacher_c, fake_c, z0, eps0, t, ACP, K, 0.5, g_z, True, "dmd")
+    step = emd.generator_step(gen_c, teacher_c, fake_c, ACP, chain_draws(chain(K, 0.5, g_z), 0), chain(K, 0.5, g_z))
     assert (teacher_c.calls, fake_c.calls) == (K, K)
     assert gen_c.calls == (1 if g_z == 0 else K + 1)
-    emd.fake_score_step(fake_c, step.x0_sample, t, ACP)
+    emd.fake_score_step(fake_c, step.x0_sample, t, torch.randn_like(step.x0_sample), ACP)
     total = gen_c.rows + teacher_c.rows + fake_c.rows
     assert total == ((3 * K + 2) * B if g_z == 0 else (4 * K + 2) * B)
 
 
 def test_e_step_z_updates_leave_no_parameter_grad():
     gen, teacher, fake = roles()
-    z0, eps0, t = draws()
-    out = emd.e_step(gen, teacher, fake, z0, eps0, t, ACP, 3, 0.5, 0.2, True, torch.Generator().manual_seed(0))
+    z0, _eps0, _t = draws()
+    out = emd.e_step(gen, teacher, fake, ACP, chain_draws(chain(3, 0.5, 0.2), 0), chain(3, 0.5, 0.2))
     assert all(p.grad is None for p in gen.parameters())
     assert not out.z.requires_grad and (out.z - z0).abs().max() > 1e-3
     assert all(not v.requires_grad for v in (out.eps_tilde, out.x0_last, out.x0_hat_teacher_last, out.x0_initial))

@@ -3,7 +3,7 @@
 import torch
 
 from emd_t2i.config import DEFAULT_TARGET_MODULES
-from emd_t2i.emd import e_step, fake_score_step, generator_step
+from emd_t2i.emd import Draws, EMDSettings, e_step, fake_score_step, generator_step
 from emd_t2i.roles import FAKE_SCORE, GENERATOR, Roles, adapter_parameters, add_roles
 from emd_t2i.teachers import load_teacher
 
@@ -87,20 +87,22 @@ def test_gradients_reach_only_the_role_being_trained(tiny_teacher_dir):
     z, eps, t, cond = _inputs(teacher)
     generator, teacher_eps, fake_eps = roles.bind(cond, torch.zeros_like(cond))
 
-    e_step(generator, teacher_eps, fake_eps, z, eps, t, teacher.alphas_cumprod, 2, 0.5, 0.1)
+    moving = EMDSettings(2, 0.5, 0.1)
+    noise = torch.randn(2, *z.shape, generator=torch.Generator().manual_seed(1))
+    e_step(generator, teacher_eps, fake_eps, teacher.alphas_cumprod, Draws(z, eps, t, noise, noise), moving)
     assert all(p.grad is None for p in gen + fake), "the E-step accumulated parameter gradients"
 
     for gamma_z in (0.0, 0.1):
-        step = generator_step(
-            generator, teacher_eps, fake_eps, z, eps, t, teacher.alphas_cumprod, 2, 0.5, gamma_z
-        )
+        settings = EMDSettings(2, 0.5, gamma_z)
+        draws = Draws(z, eps, t, noise, noise if gamma_z > 0 else None)
+        step = generator_step(generator, teacher_eps, fake_eps, teacher.alphas_cumprod, draws, settings)
         step.loss.backward()
         assert sum(float(p.grad.abs().sum()) for p in gen if p.grad is not None) > 0
         assert all(p.grad is None for p in fake)
         for p in gen:
             p.grad = None
 
-    fake_score_step(fake_eps, step.x0_sample, t, teacher.alphas_cumprod).backward()
+    fake_score_step(fake_eps, step.x0_sample, t, eps, teacher.alphas_cumprod).backward()
     assert sum(float(p.grad.abs().sum()) for p in fake if p.grad is not None) > 0
     assert all(p.grad is None for p in gen)
 

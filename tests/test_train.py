@@ -13,7 +13,9 @@ from emd_t2i.config import DistillConfig
 from emd_t2i.ema import ema_decay_at, update_ema
 from emd_t2i.errors import UserError
 from emd_t2i.export import diffusers_state_dict, export_run
-from emd_t2i.train import batch_prompts, distill, lr_scale
+from emd_t2i.iteration import batch_prompts
+from emd_t2i.optim import lr_scale
+from emd_t2i.train import distill
 
 PROMPTS = ["a cat", "a dog on a beach", "a red car at night", "an old castle", "a bowl of fruit"]
 
@@ -173,25 +175,6 @@ def test_a_different_config_on_an_existing_run_is_refused(tiny_teacher_dir, prom
     assert DistillConfig.load(tmp_path / "run" / "config.json").gamma_eps == 0.9
 
 
-def test_ctrl_c_saves_a_checkpoint_first(tiny_teacher_dir, prompt_file, tmp_path, monkeypatch):
-    from emd_t2i import train
-
-    real = train.generator_step
-    calls = {"n": 0}
-
-    def interrupt_on_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "generator_step", interrupt_on_third)
-    cfg = tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "run", checkpoint_every=100, validate_every=0)
-    with pytest.raises(KeyboardInterrupt):
-        distill(cfg)
-    assert ckpt.checkpoint_step(ckpt.latest_checkpoint(tmp_path / "run")) == 2
-
-
 def test_every_prompt_is_seen_once_per_epoch():
     prompts = [f"p{i}" for i in range(7)]
     seen = [
@@ -229,7 +212,7 @@ def test_bf16_gradient_checkpointing_and_accumulation_run_on_cpu(tiny_teacher_di
 
 
 def test_validation_prompts_spread_over_the_dataset():
-    from emd_t2i.train import spread
+    from emd_t2i.iteration import spread
 
     assert spread(list(range(10)), 3) == [0, 3, 6]
     assert spread([1, 2], 5) == [1, 2]

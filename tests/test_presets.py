@@ -1,0 +1,126 @@
+"""Presets: every one is a valid config, known models get theirs by name, hub id or folder, and the CLI shows them."""
+
+import dataclasses
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from emd_t2i.cli import app
+from emd_t2i.config import PRESETS, DistillConfig, build_config
+from emd_t2i.presets import architecture_preset, preset_name
+from emd_t2i.teachers import TEACHERS, TOY_TEACHER_DIR, alphas_cumprod_from_config
+
+SD_WIDTHS = [320, 640, 1280, 1280]
+
+
+def write_folder(path, cross_attention_dim=768, block_out_channels=SD_WIDTHS, sample_size=64,
+                 prediction_type="epsilon", in_channels=4):
+    """Only the JSON a fingerprint reads, with the values diffusers writes for SD 1.5 / 2.x-base."""
+    (path / "unet").mkdir(parents=True)
+    (path / "scheduler").mkdir()
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (path / "unet" / "config.json").write_text(json.dumps({
+        "_class_name": "UNet2DConditionModel", "cross_attention_dim": cross_attention_dim,
+        "block_out_channels": block_out_channels, "sample_size": sample_size, "in_channels": in_channels,
+    }))
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": prediction_type}))
+    return path
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_is_a_valid_config_of_known_flags(name):
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    assert set(PRESETS[name]) <= fields
+    cfg = build_config(teacher=name)
+    assert all(getattr(cfg, k) == v for k, v in PRESETS[name].items())
+
+
+def test_sd_presets_hold_the_issue_values():
+    sd15 = build_config(teacher="sd-1.5")
+    assert (sd15.t_star, sd15.fake_updates, sd15.ema_decay, sd15.guidance_scale) == (800, 5, 0.999, 1.75)
+    assert (sd15.lr_schedule, sd15.lr_warmup, sd15.iterations) == ("cosine", 500, 20000)
+    assert (sd15.mixed_precision, sd15.gradient_checkpointing, sd15.batch_size) == ("auto", True, 4)
+    assert {"conv_in", "conv_out", "linear_1"} <= set(sd15.target_modules)
+    assert PRESETS["sd-2.1-base"] == PRESETS["sd-1.5"]  # same latents, schedule and eps-prediction
+    assert build_config(teacher="toy").mixed_precision == "no"  # the sweep's recorded runs were fp32
+
+
+def test_g1_amplification_quoted_for_t_star_is_that_of_sds_schedule():
+    """(G1) carries an eps error into x0 times sigma/alpha; presets.py quotes 14.61 at 999, 5.11 at 800."""
+    abar = alphas_cumprod_from_config(
+        {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"})
+    ratio = ((1 - abar) / abar).sqrt()
+    assert [round(float(ratio[t]), 2) for t in (999, 900, 800, 700)] == [14.61, 8.35, 5.11, 3.33]
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [({}, "sd-1.5"), ({"cross_attention_dim": 1024}, "sd-2.1-base"),
+     ({"cross_attention_dim": 1024, "sample_size": 96, "prediction_type": "v_prediction"}, None),  # SD 2.1 at 768
+     ({"prediction_type": "v_prediction"}, None), ({"in_channels": 9}, None),  # inpainting
+     ({"block_out_channels": [32, 64]}, None), ({"cross_attention_dim": 2048}, None)],
+)
+def test_folders_are_recognised_by_their_architecture(tmp_path, config, expected):
+    assert architecture_preset(write_folder(tmp_path / "teacher", **config)) == expected
+
+
+def test_folders_missing_configs_get_no_preset(tmp_path):
+    folder = write_folder(tmp_path / "teacher")
+    (folder / "scheduler" / "scheduler_config.json").write_text("{not json")
+    assert architecture_preset(folder) is None
+    (folder / "model_index.json").unlink()
+    assert architecture_preset(folder) is None
+    assert architecture_preset(tmp_path / "nothing") is None
+
+
+def test_names_hub_ids_and_folders_map_to_presets(tmp_path):
+    assert preset_name("sd-1.5") == "sd-1.5" and preset_name("toy") == "toy"
+    assert preset_name(TEACHERS["sd-1.5"].id) == "sd-1.5"
+    assert preset_name(TEACHERS["sd-2.1-base"].id) == "sd-2.1-base"
+    assert preset_name("sd-2.1") is None and preset_name(TEACHERS["sd-2.1"].id) is None  # 768 px v-prediction
+    assert preset_name("someone/some-model") is None
+    assert preset_name(str(TOY_TEACHER_DIR)) == "toy"
+    assert preset_name(str(write_folder(tmp_path / "sd15"))) == "sd-1.5"
+    assert preset_name(str(tmp_path)) is None
+
+
+def test_a_local_sd15_folder_gets_the_sd15_preset_under_the_user_flags(tmp_path):
+    folder = str(write_folder(tmp_path / "sd15"))
+    cfg = build_config(teacher=folder, t_star=900)
+    assert cfg == DistillConfig(**{**PRESETS["sd-1.5"], "teacher": folder, "t_star": 900})
+
+
+def test_distill_help_shows_the_defaults_each_preset_uses():
+    result = CliRunner().invoke(app, ["distill", "--help"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.replace("│", " ").split())  # undo rich's boxes and wrapping
+    assert "[default: 999; presets: toy 800, sd-1.5 800, sd-2.1-base 800]" in text
+    assert "[default: 0; presets: sd-1.5 500, sd-2.1-base 500]" in text  # --lr-warmup
+    assert "[default: auto; presets: toy no, sd-1.5 auto, sd-2.1-base auto]" in text
+    assert "[default: 20]" in text  # --t-min: no preset sets it
+
+
+def test_dry_run_names_the_preset_and_the_precision_without_the_network(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    args = ["distill", "--prompts", str(prompts), "--device", "cpu", "--dry-run"]
+    result = CliRunner().invoke(app, [*args, "--teacher", "sd-1.5"])  # HF_HUB_OFFLINE=1 (conftest)
+    assert result.exit_code == 0, result.output
+    *config, summary = result.output.strip().splitlines()
+    assert json.loads("\n".join(config)) == build_config(teacher="sd-1.5", prompts=str(prompts), device="cpu").to_dict()
+    assert summary == "preset: sd-1.5; mixed precision: auto -> no on this machine (cpu)"
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text("{}")
+    result = CliRunner().invoke(app, [*args, "--teacher", str(other), "--mixed-precision", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "no preset: plain defaults; mixed precision: bf16 -> bf16 on this machine (cpu)")
+
+
+def test_a_preset_warmup_longer_than_the_run_names_the_flag():
+    result = CliRunner().invoke(app, ["distill", "--teacher", "sd-1.5", "--iterations", "100", "--dry-run"])
+    assert result.exit_code == 2
+    assert "--lr-warmup must be < --iterations (got 500 >= 100)" in result.output
