@@ -143,8 +143,8 @@ def distill(
 
     try:
         run_dir = run_distill(cfg, overwrite=overwrite)
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as err:  # Interrupted (saved, between iterations) or a second Ctrl-C (not saved)
+        raise typer.Exit(getattr(err, "exit_code", 130)) from None
     except FloatingPointError as err:  # persistent NaN/inf: the run saved a checkpoint and stopped cleanly
         raise fail(str(err), code=1) from None
     if not no_export:

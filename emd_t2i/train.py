@@ -142,12 +142,13 @@ def emd_settings(cfg: DistillConfig) -> EMDSettings:
                        cfg.cancel_initial_noise, cfg.t_min, cfg.t_max)
 
 
-def save(run: Run, run_dir: Path, cfg: DistillConfig, accelerator) -> Path | None:
+def save(run: Run, run_dir: Path, cfg: DistillConfig, accelerator, precision: str) -> Path | None:
     if not accelerator.is_main_process:
         return None
     unet = run.roles.unet
     state = {
         "step": run.step,
+        "mixed_precision": precision,  # what --mixed-precision resolved to on this machine
         "opt_generator": run.opt_generator.state_dict(),
         "opt_fake": run.opt_fake.state_dict(),
         "scaler_generator": run.scaler_generator.state_dict(),
@@ -275,7 +276,7 @@ def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None 
                 if not finite_iteration(stats, precision == "fp16"):
                     run.bad_steps += 1
                     if run.bad_steps >= MAX_BAD_STEPS:
-                        save(run, run_dir, cfg, accelerator)
+                        save(run, run_dir, cfg, accelerator, precision)
                         raise FloatingPointError(
                             f"{MAX_BAD_STEPS} non-finite losses in a row at iteration {run.step}; lower the "
                             "learning rates or use bf16 instead of fp16")
@@ -303,10 +304,10 @@ def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None 
                     _log_image(accelerator, cfg, grid, run.step)
                 saved = run.step % cfg.checkpoint_every == 0 or run.step == last_step
                 if saved:
-                    save(run, run_dir, cfg, accelerator)
+                    save(run, run_dir, cfg, accelerator, precision)
                 signum = stop.agreed(world, device)
                 if signum is not None:
-                    path = save(run, run_dir, cfg, accelerator) if not saved else ckpt.checkpoint_dir(run_dir, run.step)
+                    path = save(run, run_dir, cfg, accelerator, precision) if not saved else ckpt.checkpoint_dir(run_dir, run.step)
                     print(f"stopped after iteration {run.step}: saved {path}; run the same command again to resume")
                     raise Interrupted(signum)
     finally:

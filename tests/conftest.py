@@ -33,3 +33,14 @@ def tiny_vpred_teacher_dir(tmp_path_factory):
     from tiny import make_tiny_pipeline
 
     return make_tiny_pipeline(tmp_path_factory.mktemp("tiny_v") / "teacher", prediction_type="v_prediction")
+
+
+TRAIN_PROMPTS = ["a cat", "a dog on a beach", "a red car at night", "an old castle", "a bowl of fruit"]
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory):
+    """A small prompt file for training runs on the tiny teacher."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(TRAIN_PROMPTS) + "\n\n")
+    return path

@@ -20,13 +20,6 @@ from emd_t2i.train import distill
 PROMPTS = ["a cat", "a dog on a beach", "a red car at night", "an old castle", "a bowl of fruit"]
 
 
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("\n".join(PROMPTS) + "\n\n")
-    return path
-
-
 def tiny_config(teacher, prompts, output, **overrides) -> DistillConfig:
     base = {
         "teacher": str(teacher),
@@ -219,12 +212,13 @@ def test_validation_prompts_spread_over_the_dataset():
 
 
 def test_a_second_run_in_the_same_process_may_change_precision(tiny_teacher_dir, prompt_file, tmp_path):
-    """accelerate's state is a process-wide singleton; a sweep or notebook must still be able to switch precision."""
-    from emd_t2i.train import make_accelerator
-
-    for i, precision in enumerate(["no", "bf16", "no"]):
-        cfg = tiny_config(tiny_teacher_dir, prompt_file, tmp_path / str(i), mixed_precision=precision)
-        assert make_accelerator(cfg, tmp_path / str(i)).mixed_precision == precision
+    """accelerate's state is a process-wide singleton; a sweep or notebook must still be able to switch precision
+    (and device). What --mixed-precision resolved to is recorded in the checkpoint."""
+    for i, precision in enumerate(["bf16", "no", "auto"]):
+        cfg = tiny_config(tiny_teacher_dir, prompt_file, tmp_path / str(i), mixed_precision=precision, iterations=1,
+                          validate_every=0)
+        state = ckpt.load_training_state(ckpt.latest_checkpoint(distill(cfg)))
+        assert state["mixed_precision"] == {"auto": "no"}.get(precision, precision)  # auto: none on a CPU
 
 
 def test_ema_update_and_warm_up():
