@@ -142,4 +142,4 @@ def test_run_measured_reads_the_child_peak_rss(tmp_path):
     result = json.loads(out.stdout.splitlines()[-1])
     mib = 2**20
     assert result["rc"] == 0 and 200 * mib <= result["peak_rss_bytes"] < 300 * mib
-    assert 200 * mib <= result["vm_hwm_bytes"] <= result["peak_rss_bytes"]
+    assert result["vm_hwm_bytes"] == pytest.approx(result["peak_rss_bytes"], rel=0.02)  # /proc agrees
