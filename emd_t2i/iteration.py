@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -17,27 +18,40 @@ from .roles import FAKE_SCORE, adapter_parameters
 
 
 # ---------------------------------------------------------------- randomness and data order
-def step_rng(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
-    """Per-step reseeding from (seed, rank, step): a resumed run draws exactly what an uninterrupted one does."""
-    state = int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(state)
+# A run's math depends on the global batch, never on how it is split: every sample's prompt and random draws are
+# a function of (seed, step, its position in the global batch). So N processes at batch B, one process with
+# `--grad-accum N` and one process at batch N B compute the same iteration (tests/test_memory_settings.py,
+# tests/test_multiprocess.py), and a run may resume on another number of GPUs with the same global batch.
+def sample_rng(seed: int, step: int, sample: int) -> torch.Generator:
+    """The CPU generator of one sample of one iteration: a resumed run draws exactly what an uninterrupted one does."""
+    state = int(np.random.SeedSequence([seed, step, sample]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(state)
 
 
-def spread(items: list, n: int) -> list:
-    """n items evenly spaced through a list (validation prompts that cover a dataset, not its first lines)."""
+def global_rows(cfg: DistillConfig, rank: int) -> range:
+    """This process's positions in the global batch of world x grad_accum x batch_size samples."""
+    rows = cfg.batch_size * cfg.grad_accum
+    return range(rank * rows, (rank + 1) * rows)
+
+
+def spread(items, n: int) -> list:
+    """n items evenly spaced through a sequence (validation prompts that cover a dataset, not its first lines)."""
     return [items[i * len(items) // n] for i in range(n)] if len(items) > n else list(items)
 
 
-def batch_prompts(prompts: list[str], seed: int, step: int, rank: int, world: int, batch: int) -> list[str]:
-    """The prompts of one (step, rank): consecutive slices of per-epoch permutations, so every prompt is seen
-    once per epoch; the data position is a function of the step (nothing else to checkpoint)."""
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def batch_prompts(prompts, seed: int, step: int, rows: range, global_batch: int) -> list[str]:
+    """The prompts at positions `rows` of one step's global batch: consecutive slices of per-epoch permutations,
+    so every prompt is seen once per epoch; the data position is a function of the step (nothing to checkpoint)."""
     n = len(prompts)
-    start = (step * world + rank) * batch
     out = []
-    for position in range(start, start + batch):
-        epoch, index = divmod(position, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(prompts[int(order[index])])
+    for row in rows:
+        epoch, index = divmod(step * global_batch + row, n)
+        out.append(prompts[int(_epoch_order(seed, epoch, n)[index])])
     return out
 
 
@@ -51,17 +65,30 @@ class FakeDraws:
     z: torch.Tensor | None  # fresh generator inputs; None for the first update, which reuses the E-step's g(z_0)
 
 
-def draw_fake(cfg: DistillConfig, shape: tuple[int, ...], fresh: bool, rng, device) -> FakeDraws:
-    t = sample_timesteps(shape[0], cfg.t_min, cfg.t_max, device, rng)
-    eps = torch.randn(shape, generator=rng, device=device)
-    return FakeDraws(t, eps, torch.randn(shape, generator=rng, device=device) if fresh else None)
+def draw_fake(cfg: DistillConfig, shape: tuple[int, ...], fresh: bool, rng) -> FakeDraws:
+    t = sample_timesteps(shape[0], cfg.t_min, cfg.t_max, "cpu", rng)
+    eps = torch.randn(shape, generator=rng)
+    return FakeDraws(t, eps, torch.randn(shape, generator=rng) if fresh else None)
+
+
+def _stack(parts: list, device):
+    """Concatenate per-sample draws (dataclasses of (1, ...) or (K, 1, ...) tensors) along the sample axis."""
+    first = parts[0]
+    fields = {}
+    for name in first.__dataclass_fields__:
+        values = [getattr(p, name) for p in parts]
+        if values[0] is None:
+            fields[name] = None
+        else:
+            dim = 1 if name in ("n", "m") else 0  # the chain's noise is (K, B, ...)
+            fields[name] = torch.cat(values, dim=dim).to(device)
+    return type(first)(**fields)
 
 
 @dataclass(frozen=True)
 class Batch:
     """One iteration's inputs on this process, all drawn before any model runs: the prompts' embeddings and
-    every random draw, for the whole batch. Micro-batches are row slices of it, so `--grad-accum N` at batch B
-    computes the same gradient as one batch of N B (up to float summation order)."""
+    every random draw, for all its rows. Micro-batches are row slices of it."""
 
     cond: torch.Tensor
     uncond: torch.Tensor
@@ -73,13 +100,15 @@ class Batch:
 
 
 def make_batch(cfg, settings, prompts, cache, latent_shape, step, rank, world, device) -> Batch:
-    rows = cfg.batch_size * cfg.grad_accum
-    rng = step_rng(cfg.seed, rank, step, device)
-    cond = cache.get(batch_prompts(prompts, cfg.seed, step, rank, world, rows), device=device)
-    shape = (rows, *latent_shape)
-    draws = draw(settings, shape, rng, device)
-    fake = [draw_fake(cfg, shape, update > 0, rng, device) for update in range(cfg.fake_updates)]
-    return Batch(cond, cache.null_embedding(device=device).expand_as(cond), draws, fake)
+    rows = global_rows(cfg, rank)
+    cond = cache.get(batch_prompts(prompts, cfg.seed, step, rows, len(rows) * world), device=device)
+    draws, fakes = [], []
+    for row in rows:  # a few ms of CPU randomness per sample; the same whatever the split
+        rng = sample_rng(cfg.seed, step, row)
+        draws.append(draw(settings, (1, *latent_shape), rng))
+        fakes.append([draw_fake(cfg, (1, *latent_shape), update > 0, rng) for update in range(cfg.fake_updates)])
+    fake = [_stack([f[update] for f in fakes], device) for update in range(cfg.fake_updates)]
+    return Batch(cond, cache.null_embedding(device=device).expand_as(cond), _stack(draws, device), fake)
 
 
 def generator_update(run, cfg, settings, batch: Batch, alphas_cumprod, autocast, world: int, stats) -> list:

@@ -170,12 +170,11 @@ def test_a_different_config_on_an_existing_run_is_refused(tiny_teacher_dir, prom
 
 def test_every_prompt_is_seen_once_per_epoch():
     prompts = [f"p{i}" for i in range(7)]
-    seen = [
-        p for step in range(7) for p in batch_prompts(prompts, seed=3, step=step, rank=0, world=1, batch=2)
-    ]
+    seen = [p for step in range(7) for p in batch_prompts(prompts, seed=3, step=step, rows=range(2), global_batch=2)]
     assert sorted(seen[:7]) == sorted(prompts) and sorted(seen[7:14]) == sorted(prompts)
-    ranks = [batch_prompts(prompts, 3, 0, rank, 2, 2) for rank in (0, 1)]
+    ranks = [batch_prompts(prompts, 3, 0, range(2 * rank, 2 * rank + 2), 4) for rank in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1]), "two processes drew the same prompts in one step"
+    assert ranks[0] + ranks[1] == batch_prompts(prompts, 3, 0, range(4), 4), "the split changed the data"
 
 
 def test_report_to_tensorboard_writes_scalars_and_the_grid(tiny_teacher_dir, prompt_file, tmp_path):
