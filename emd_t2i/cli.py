@@ -147,6 +147,10 @@ def distill(
         raise typer.Exit(getattr(err, "exit_code", 130)) from None
     except FloatingPointError as err:  # persistent NaN/inf: the run saved a checkpoint and stopped cleanly
         raise fail(str(err), code=1) from None
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # one export, one report: the other processes are done
+        return
     if not no_export:
         from .export import export_run
 

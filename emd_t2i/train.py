@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import DistillConfig, resolve_mixed_precision
+from .config import DistillConfig, atomic_write_text, resolve_mixed_precision
 from .ema import ema_decay_at, update_ema
 from .emd import EMDSettings
 from .errors import UserError
@@ -39,13 +40,14 @@ MAX_BAD_STEPS = 10  # consecutive non-finite losses before the run stops (after 
 
 
 # ---------------------------------------------------------------- the run folder
-def prepare_run_dir(cfg: DistillConfig, overwrite: bool) -> Path:
+def prepare_run_dir(cfg: DistillConfig, overwrite: bool) -> Path | None:
     """Create the run folder, or check that an existing one belongs to this config (then it resumes).
 
-    A folder made for a different config is refused; with `overwrite` it is moved aside, never deleted.
+    A folder made for a different config is refused; with `overwrite` it is moved aside, never deleted, and
+    where it went is returned.
     """
     run_dir = Path(cfg.output)
-    saved = run_dir / "config.json"
+    saved, backup = run_dir / "config.json", None
     if saved.exists():
         previous = DistillConfig.load(saved)
         changed = cfg.differences(previous)
@@ -62,7 +64,7 @@ def prepare_run_dir(cfg: DistillConfig, overwrite: bool) -> Path:
         raise UserError(f"--output {run_dir} exists and is not an emd-t2i run; choose an empty or new folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.json")
-    return run_dir
+    return backup
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -71,10 +73,18 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def truncate_log(path: Path, last_step: int) -> None:
-    """On resume, drop log lines written after the checkpoint we resume from (they will be redone)."""
+    """On (re)start, drop log lines after the iteration we continue from (they will be redone), and a last line a
+    kill cut in half, so each iteration is logged once however the previous process ended."""
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= last_step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 # ---------------------------------------------------------------- pieces of the loop
@@ -107,6 +117,8 @@ def make_accelerator(cfg: DistillConfig, run_dir: Path):
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device}: no CUDA device is visible; use --device cpu")
+    if cfg.device.startswith("cuda:"):
+        select_gpu(int(cfg.device.split(":")[1]) if cfg.device[5:].isdigit() else -1, cfg.device)
     log_with = None if cfg.report_to == "none" else cfg.report_to
     if _accelerator_state_differs(cpu):
         # accelerate keeps a process-wide singleton; a second run in the same process (a notebook, a sweep,
@@ -114,7 +126,47 @@ def make_accelerator(cfg: DistillConfig, run_dir: Path):
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision="no", cpu=cpu, log_with=log_with, project_dir=str(run_dir))
+    accelerator = Accelerator(mixed_precision="no", cpu=cpu, log_with=log_with, project_dir=str(run_dir))
+    refuse_sharding(accelerator.distributed_type)
+    return accelerator
+
+
+def select_gpu(index: int, flag: str) -> None:
+    """`--device cuda:N` for a single process; under a launcher each process takes the GPU of its local rank."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"--device {flag}: under accelerate launch / torchrun each process takes its own GPU; "
+                        "drop --device (choose GPUs with CUDA_VISIBLE_DEVICES)")
+    if not 0 <= index < torch.cuda.device_count():
+        raise UserError(f"--device {flag}: this machine has {torch.cuda.device_count()} visible CUDA devices "
+                        f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    torch.cuda.set_device(index)
+
+
+def refuse_sharding(distributed_type) -> None:
+    """FSDP, DeepSpeed and Megatron shard or wrap the model; emd-t2i keeps ONE UNet in three roles and averages
+    the LoRA gradients itself, which those wrappers would break silently."""
+    name = str(getattr(distributed_type, "value", distributed_type))
+    if name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise UserError(f"the accelerate config asks for {name}, which emd-t2i does not support (one UNet serves "
+                        "three roles and LoRA gradients are averaged explicitly): use a plain multi-GPU config "
+                        "(docs/accelerate/one_node.yaml)")
+
+
+def check_ranks_agree(unet: torch.nn.Module, accelerator, when: str) -> None:
+    """Every process must hold the same weights: a checksum of the base, the generator and the fake score."""
+    if accelerator.num_processes == 1:
+        return
+    sums = [torch.zeros((), dtype=torch.float64, device=accelerator.device) for _ in range(3)]
+    for name, p in unet.named_parameters():
+        part = 0 if "lora_" not in name else (1 if f".{GENERATOR}." in name else 2)
+        sums[part] += p.detach().double().sum()
+    gathered = accelerator.gather(torch.stack(sums)[None])
+    differ = [int(r) for r in range(gathered.shape[0]) if not torch.equal(gathered[r], gathered[0])]
+    if differ:
+        raise UserError(f"processes {differ} hold other weights than process 0 {when}: every process must load the "
+                        "same teacher and see the same run folder (shared storage), with the same emd-t2i version")
 
 
 def _accelerator_state_differs(cpu: bool) -> bool:
@@ -164,10 +216,18 @@ def save(run: Run, run_dir: Path, cfg: DistillConfig, accelerator, precision: st
                                 metadata={"step": str(run.step), "teacher": cfg.teacher})
 
 
-def resume(run: Run, run_dir: Path) -> None:
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is None:
+def resume(run: Run, run_dir: Path, accelerator) -> None:
+    """Continue from the newest intact checkpoint (the main process picks it, every process loads it: the run
+    folder must be on storage all processes see), or start at 0; either way the log is cut to match."""
+    from accelerate.utils import broadcast_object_list
+
+    latest = ckpt.latest_valid_checkpoint(run_dir) if accelerator.is_main_process else None
+    (step,) = broadcast_object_list([-1 if latest is None else ckpt.checkpoint_step(latest)])
+    if accelerator.is_main_process:
+        truncate_log(run_dir / "log.jsonl", max(step, 0))
+    if step < 0:
         return
+    latest = ckpt.checkpoint_dir(run_dir, step)
     adapters = ckpt.load_adapters(latest)
     if run.ema is not None:  # the EMA goes through the generator adapter first, then the raw weights replace it
         load_adapter_state_dict(run.roles.unet, GENERATOR, adapters.pop(ckpt.GENERATOR_EMA))
@@ -182,7 +242,6 @@ def resume(run: Run, run_dir: Path) -> None:
         run.scaler_fake.load_state_dict(state["scaler_fake"])
     torch.set_rng_state(state["torch_rng"])
     run.step = state["step"]
-    truncate_log(run_dir / "log.jsonl", run.step)
     print(f"resuming from {latest} (iteration {run.step})")
 
 
@@ -217,9 +276,14 @@ def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None 
     in progress, save it, and raise `Interrupted`."""
     run_dir = Path(cfg.output)
     accelerator = make_accelerator(cfg, run_dir)
-    if accelerator.is_main_process:
-        prepare_run_dir(cfg, overwrite)
-    accelerator.wait_for_everyone()
+    with ckpt.RunLock(run_dir) if accelerator.is_main_process else nullcontext() as lock:
+        if accelerator.is_main_process and prepare_run_dir(cfg, overwrite) is not None:
+            lock.acquire()  # the folder locked above was moved aside; lock the new one
+        accelerator.wait_for_everyone()
+        return _distill(cfg, accelerator, run_dir, stop_after)
+
+
+def _distill(cfg: DistillConfig, accelerator, run_dir: Path, stop_after: int | None) -> Path:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     precision = mixed_precision_on(device, cfg.mixed_precision)
     if device.type == "cuda":  # TF32 for the float32 work (LoRA matmuls, the EMD math); bf16/fp16 is unaffected
@@ -251,10 +315,14 @@ def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None 
     cache = EmbeddingCache(teacher.tokenizer, teacher.text_encoder)
     validation_prompts = spread(list(dict.fromkeys(prompts)), cfg.num_validation_prompts)
 
-    resume(run, run_dir)
+    check_ranks_agree(unet, accelerator, "at start")
+    resume(run, run_dir, accelerator)
+    if run.step > 0:
+        check_ranks_agree(unet, accelerator, f"after resuming at iteration {run.step}")
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers("emd-t2i", config={k: str(v) for k, v in cfg.to_dict().items()})
-    (run_dir / "samples").mkdir(exist_ok=True)
+    if accelerator.is_main_process:
+        (run_dir / "samples").mkdir(exist_ok=True)
     log_path = run_dir / "log.jsonl"
     latent_shape = (teacher.latent_channels, teacher.latent_size, teacher.latent_size)
     last_step = cfg.iterations if stop_after is None else min(cfg.iterations, run.step + stop_after)
