@@ -23,6 +23,9 @@ app = typer.Typer(
 )
 toy_app = typer.Typer(help="The embedded toy teacher: train it, inspect its domain.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
+coco_app = typer.Typer(help="The COCO-2014 protocol's inputs: the caption list and the FID reference statistics.",
+                       no_args_is_help=True)
+app.add_typer(coco_app, name="coco")
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -91,6 +94,8 @@ def distill(
     prompts: Annotated[str | None, opt("prompts", RUN)] = None,
     output: Annotated[str | None, opt("output", RUN)] = None,
     prompt_column: Annotated[str | None, opt("prompt_column", RUN)] = None,
+    embeddings: Annotated[str | None, opt("embeddings", RUN)] = None,
+    embedding_cache: Annotated[int | None, opt("embedding_cache", RUN)] = None,
     num_langevin_steps: Annotated[int | None, opt("num_langevin_steps", EMD)] = None,
     gamma_eps: Annotated[float | None, opt("gamma_eps", EMD)] = None,
     gamma_z: Annotated[float | None, opt("gamma_z", EMD)] = None,
@@ -179,6 +184,10 @@ def check_inputs(cfg: DistillConfig) -> None:
         from .prompts import load_prompts
 
         load_prompts(cfg.prompts, column=cfg.prompt_column, limit=1)
+    if cfg.embeddings:
+        from .embedding_store import read_manifest
+
+        read_manifest(Path(cfg.embeddings))
 
 
 # ---------------------------------------------------------------- teachers, toy
@@ -219,6 +228,71 @@ def toy_train_teacher(
     recipe = replace(TeacherRecipe(), **{k: v for k, v in given.items() if v is not None})
     path = train_teacher(output, checkpoints, recipe, export_only=export_only)
     typer.echo(f"toy teacher saved to {path}; use it with --teacher {path}")
+
+
+# ---------------------------------------------------------------- prompts
+prompts_app = typer.Typer(help="Prompt sources and their text embeddings: encode once, reuse across runs and ranks.",
+                          no_args_is_help=True)
+app.add_typer(prompts_app, name="prompts")
+
+
+@prompts_app.command("encode", epilog="Example: emd-t2i prompts encode --teacher sd-1.5 --prompts hf:owner/captions "
+                     "--output embeddings/sd15-captions")
+@user_errors
+def prompts_encode(
+    teacher: Annotated[str, typer.Option(help="registry name, diffusers folder or hub id whose tokenizer and text "
+                                              "encoder encode the prompts")],
+    prompts: Annotated[str, typer.Option(help="prompt source, as for distill: file, folder, glob or hf:owner/name")],
+    output: Annotated[Path, typer.Option(help="store folder to write (run the same command again to resume)")],
+    prompt_column: Annotated[str | None, typer.Option(help="column of a jsonl/csv/dataset source [default: the "
+                                                           "first of prompt, text, caption]")] = None,
+    split: Annotated[str, typer.Option(help="split of a Hugging Face dataset")] = "train",
+    batch_size: Annotated[int, typer.Option(help="prompts per text-encoder call")] = 256,
+    shard_size: Annotated[int, typer.Option(help="prompts per safetensors shard (the unit of resuming)")] = 10_000,
+    dtype: Annotated[str, typer.Option(help="stored precision: float16 | bfloat16 | float32 (encoding is float32)")]
+        = "float16",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+):
+    """Encode every prompt of a source once into safetensors shards that later runs and all their ranks read."""
+    import torch
+
+    from .embedding_store import check_encode_settings, encode_store
+    from .embeddings import load_text_encoder
+    from .prompts import open_prompts
+
+    check_encode_settings(batch_size, shard_size, dtype)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is visible; use --device cpu")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    source = open_prompts(prompts, column=prompt_column, split=split)
+    tokenizer, text_encoder, teacher_source = load_text_encoder(teacher, device=device)
+    summary = encode_store(tokenizer, text_encoder, source, output, teacher=teacher, teacher_source=teacher_source,
+                           batch_size=batch_size, shard_size=shard_size, dtype=dtype, progress=True)
+    typer.echo(f"{summary.count} prompts in {summary.shards} shards at {summary.path} ({summary.encoded_shards} "
+               f"encoded now, {summary.kept_shards} kept from before)")
+
+
+@prompts_app.command("info")
+@user_errors
+def prompts_info(
+    source: Annotated[str, typer.Argument(help="a prompt source (as for --prompts) or an embedding store folder")],
+    prompt_column: Annotated[str | None, typer.Option(help="column of a jsonl/csv/dataset source")] = None,
+    split: Annotated[str, typer.Option(help="split of a Hugging Face dataset")] = "train",
+    show: Annotated[int, typer.Option(help="prompts to show, evenly spaced through the source")] = 5,
+):
+    """Count the prompts of a source and show a few, or describe an embedding store."""
+    from .embedding_store import MANIFEST, read_manifest
+    from .prompts import distinct_spread, open_prompts
+
+    if (Path(source) / MANIFEST).is_file():
+        m = read_manifest(Path(source))
+        typer.echo(f"embedding store: {m['count']} prompts from {m['prompts']['source']}, teacher {m['teacher']}, "
+                   f"{m['dtype']} {'x'.join(map(str, m['shape']))}, {len(m['shards'])} shards")
+        return
+    prompts = open_prompts(source, column=prompt_column, split=split)
+    typer.echo(f"{len(prompts)} prompts in {source}")
+    for prompt in distinct_spread(prompts, max(show, 0)):
+        typer.echo(f"  {prompt}")
 
 
 # ---------------------------------------------------------------- commands built in other modules
@@ -273,19 +347,91 @@ def sample(
         typer.echo(f"wrote {path}")
 
 
-@app.command("eval")
+@app.command("eval", epilog="Examples: emd-t2i eval --model runs/toy/export (the toy metrics); emd-t2i eval --model "
+             "runs/sd15/export --prompts coco2014-val-30k --reference coco/val2014 --output evals/sd15 (docs/EVALUATION.md)")
 @user_errors
 def evaluate(
-    model: Annotated[str | None, typer.Option(help="export folder or run folder [default: newest runs/*/export]")] = None,
-    n: Annotated[int, typer.Option(help="evaluation prompts (accuracy about +-0.01 at the default)")] = EVAL_PROMPTS,
-    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
+    model: Annotated[str | None, typer.Option(help=_literal("export or run folder, or a teacher (name, hub id, diffusers folder) [default: newest runs/*/export]"))] = None,
+    prompts: Annotated[str | None, typer.Option(help="captions for the COCO protocol: coco2014-val-30k (see `emd-t2i coco captions`), a list .json or a prompt file; leave out for the toy metrics")] = None,
+    reference: Annotated[str | None, typer.Option(help="COCO val2014 image folder (or zip), or a statistics .npz from `emd-t2i coco reference`")] = None,
+    output: Annotated[Path | None, typer.Option(help="folder for images/ and metrics.json; the same command again resumes")] = None,
+    n: Annotated[int | None, typer.Option(help=_literal(f"toy: evaluation prompts [default: {EVAL_PROMPTS}]; COCO: only the first N captions [default: all]"))] = None,
+    steps: Annotated[int | None, typer.Option(help=_literal("teacher sampling steps [default: 50]"))] = None,
+    guidance: Annotated[float | None, typer.Option(help=_literal("teacher classifier-free guidance [default: 3]"))] = None,
+    scheduler: Annotated[str, typer.Option(help="teacher sampler: teacher (its own scheduler) | ddim")] = "teacher",
+    seed: Annotated[int, typer.Option(help="caption i gets seed SEED + i")] = 0,
+    batch_size: Annotated[int, typer.Option(help="images per generation and feature batch")] = 8,
+    device: Annotated[str | None, typer.Option(help=_literal("auto | cpu | cuda | cuda:N [default: cpu for the toy, auto for COCO]"))] = None,
+    clip_weights: Annotated[str | None, typer.Option(help=_literal("open_clip ViT-g-14 laion2b_s12b_b42k weights file [default: the Hugging Face cache]"))] = None,
+    inception_weights: Annotated[str | None, typer.Option(help=_literal("clean-fid's inception-2015-12-05.pt [default: the emd-t2i cache or /tmp]"))] = None,
+    speed_teacher_steps: Annotated[int, typer.Option(help="also time an export's teacher at N steps on the same hardware (0: off)")] = 50,
 ):
-    """Evaluate an export (toy teacher: prompt accuracy, diversity, Frechet distance); writes eval.json."""
-    from .evaluate import evaluate_export
+    """Evaluate an export or a teacher: the COCO-2014 protocol (FID-30K, CLIP score, speed; writes metrics.json) with
+    --prompts, or the toy teacher's metrics (prompt accuracy, diversity, Frechet distance; eval.json) without."""
+    from .evaluate import evaluate_coco, evaluate_export
 
-    if n < 2:
-        raise UserError("--n must be >= 2")
-    typer.echo(json.dumps(evaluate_export(model, n=n, device=device), indent=2))
+    if prompts is None:
+        coco_only = {"--reference": reference, "--output": output, "--steps": steps, "--guidance": guidance,
+                     "--clip-weights": clip_weights, "--inception-weights": inception_weights}
+        if given := [flag for flag, value in coco_only.items() if value is not None]:
+            raise UserError(f"{', '.join(given)} belong to the COCO protocol: add --prompts coco2014-val-30k (or a "
+                            "caption file)")
+        if n is not None and n < 2:
+            raise UserError("--n must be >= 2")
+        typer.echo(json.dumps(evaluate_export(model, n=n or EVAL_PROMPTS, device=device or "cpu"), indent=2))
+        return
+    metrics = evaluate_coco(model, prompts=prompts, reference=reference, output=output, n=n, steps=steps,
+                            guidance=guidance, scheduler=scheduler, seed=seed, batch_size=batch_size,
+                            device=device or "auto", clip_weights=clip_weights, inception_weights=inception_weights,
+                            speed_teacher_steps=speed_teacher_steps)
+    if metrics is not None:  # None on the other processes of `accelerate launch`
+        typer.echo(f"FID {metrics['fid']}, CLIP score {metrics['clip_score']} ({metrics['images']['count']} images); "
+                   f"all numbers and settings in {Path(output) / 'metrics.json'}")
+
+
+@coco_app.command("captions", epilog="Example: emd-t2i coco captions annotations/captions_val2014.json")
+@user_errors
+def coco_captions(
+    source: Annotated[str, typer.Argument(help="captions_val2014.json (annotations_trainval2014.zip, cocodataset.org) or hf:owner/name")],
+    output: Annotated[Path | None, typer.Option(help=_literal("list file to write [default: the cache, where --prompts NAME finds it]"))] = None,
+    n: Annotated[int, typer.Option(help="captions, one per distinct image")] = 30_000,
+    seed: Annotated[int, typer.Option(help="seed of the selection (recorded in the list)")] = 0,
+    split: Annotated[str, typer.Option(help="split of an hf: dataset")] = "validation",
+    caption_column: Annotated[str | None, typer.Option(help=_literal("caption column of an hf: dataset [default: caption, captions, sentences or text]"))] = None,
+    image_column: Annotated[str | None, typer.Option(help=_literal("image id column of an hf: dataset [default: image_id, cocoid, imgid or id]"))] = None,
+):
+    """Turn COCO-2014 val captions into the fixed evaluation list (n images, one caption each, seed recorded)."""
+    from .coco import list_name, prepare_captions
+
+    path = prepare_captions(source, output, n=n, seed=seed, split=split, caption_column=caption_column,
+                            image_column=image_column)
+    use = str(path) if output else list_name(n, seed)
+    typer.echo(f"wrote {path}; evaluate with --prompts {use}")
+
+
+@coco_app.command("reference", epilog="Example: emd-t2i coco reference coco/val2014 --output coco-val2014-256.npz")
+@user_errors
+def coco_reference(
+    images: Annotated[Path, typer.Argument(help="the COCO val2014 image folder (or its zip)")],
+    output: Annotated[Path | None, typer.Option(help=_literal("statistics .npz [default: the cache, where --reference FOLDER finds it]"))] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="images per Inception batch")] = 32,
+    inception_weights: Annotated[str | None, typer.Option(help=_literal("clean-fid's inception-2015-12-05.pt [default: the emd-t2i cache or /tmp]"))] = None,
+):
+    """Compute the FID reference statistics of the real images once (256 px crop, clean-fid Inception)."""
+    import os
+
+    import torch
+
+    from .fid import compute_reference, load_inception
+
+    if output is not None and output.suffix != ".npz":
+        raise UserError(f"--output {output} must end in .npz")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    _, path = compute_reference(images, load_inception(device, inception_weights), device, output=output,
+                                batch_size=batch_size, num_workers=min(8, os.cpu_count() or 1))
+    typer.echo(f"wrote {path}; evaluate with --reference {path}")
 
 
 def main() -> None:

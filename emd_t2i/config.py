@@ -21,7 +21,7 @@ EVAL_PROMPTS = 960
 # moved to another disk resumes from where it now is.
 RESUMABLE_FIELDS = frozenset(
     {"output", "iterations", "checkpoint_every", "keep_checkpoints", "validate_every", "log_every", "report_to",
-     "device", "profile"}
+     "device", "profile", "embeddings", "embedding_cache"}
 )
 
 
@@ -37,6 +37,9 @@ class DistillConfig:
     prompts: str = _opt("prompt source: .txt/.jsonl/.csv file, folder of .txt, or hf:owner/name", default="")
     output: str = _opt("run folder (config, logs, samples, checkpoints, export)", default="runs/emd")
     prompt_column: str | None = _opt("column of a .jsonl/.csv/hf prompt source", default=None)
+    embeddings: str | None = _opt("a store made by `emd-t2i prompts encode` for these --prompts and this --teacher "
+                                  "(else prompts are encoded on the fly into a bounded cache)", default=None)
+    embedding_cache: int = _opt("embeddings kept in RAM per process when encoding on the fly", default=4096)
     # --- EMD (docs/ALGORITHM.md)
     # Defaults measured on the analytic oracle (docs/ALGORITHM.md, benchmarks/oracle.py): with noise cancellation,
     # gamma_eps 0.5, gamma_z 0.03, K = 4 lands within 1% of the maximum-likelihood fit; gamma_z = 0 cannot reach it.
@@ -121,7 +124,7 @@ def flag(name: str) -> str:
 
 def _problems(c: DistillConfig):
     positive = ("num_langevin_steps", "iterations", "batch_size", "generator_rank", "fake_rank", "grad_accum",
-                "log_every", "checkpoint_every", "keep_checkpoints", "fake_updates")
+                "log_every", "checkpoint_every", "keep_checkpoints", "fake_updates", "embedding_cache")
     for name in positive:
         if getattr(c, name) < 1:
             yield f"{flag(name)} must be >= 1 (got {getattr(c, name)})"

@@ -1,16 +1,36 @@
-"""Evaluation of an export: the toy teacher's exact metrics (prompt accuracy, diversity, Frechet distance)."""
+"""Evaluation: the toy teacher's exact metrics, and the published COCO-2014 protocol (FID-30K, CLIP score, speed)
+writing metrics.json."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from . import fid
+from .clipscore import CLIP_PREFIX, ClipScorer, check_clip_weights, clip_score, load_clip
+from .coco import load_caption_list
 from .config import EVAL_PROMPTS, atomic_write_text
 from .errors import UserError
+from .eval_images import (
+    IMAGES_DIR,
+    TEACHER_GUIDANCE,
+    TEACHER_STEPS,
+    OneStep,
+    TeacherSampler,
+    generate_missing,
+    image_path,
+    measure_speed,
+    open_source,
+)
+from .fid import Extractor
 
 ImagesFn = Callable[[list[str], int], Tensor]  # (prompts, seed) -> images in [-1, 1], (N, 3, H, W)
 
@@ -70,10 +90,216 @@ def evaluate_export(model: str | Path | None, n: int = EVAL_PROMPTS, device: str
     facts = load_facts(root) or {}
     if facts.get("teacher") != "toy":
         raise UserError(
-            "`emd-t2i eval` measures toy-teacher exports only so far; COCO FID-30K and CLIP score for SD "
-            "teachers are not built yet (they need Inception and CLIP weights this project cannot test offline)"
+            f"{root} was distilled from {facts.get('teacher', 'an SD teacher')}, not the toy: score it in the COCO "
+            "protocol with --prompts coco2014-val-30k --reference VAL2014_DIR --output DIR (docs/EVALUATION.md)"
         )
     report = {"model": str(root), "one_step": toy_report(one_step_images(root, device), n=n)}
     run_dir = root.parent if (root.parent / "config.json").exists() else root
     atomic_write_text(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
     return report
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The published COCO-2014 protocol: FID-30K and CLIP score at 256 px, speed, metrics.json
+# ---------------------------------------------------------------------------------------------------------
+
+GENERATION_FILE = "generation.json"  # the settings the images in --output were made with (guards a resume)
+METRICS_FILE = "metrics.json"
+CAPTIONS_FILE = "captions.txt"  # caption i on line i, beside images/ (GigaGAN's evaluation script reads this)
+PACKAGES = ("emd-t2i", "torch", "diffusers", "transformers", "accelerate", "clean-fid", "open_clip_torch", "pillow",
+            "numpy", "scipy")
+
+
+@dataclass
+class Extractors:
+    """Feature extractors to use instead of the real ones (tests inject small stand-ins); None loads the real."""
+
+    inception: Extractor | None = None
+    clip: ClipScorer | None = None
+
+
+def evaluate_coco(
+    model: str | Path | None,
+    *,
+    prompts: str,
+    reference: str | Path | None,
+    output: str | Path | None,
+    n: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    scheduler: str = "teacher",
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str = "auto",
+    clip_weights: str | Path | None = None,
+    inception_weights: str | Path | None = None,
+    speed_teacher_steps: int = TEACHER_STEPS,
+    speed_repeats: int = 3,
+    num_workers: int | None = None,
+    extractors: Extractors | None = None,
+    progress: bool = True,
+) -> dict | None:
+    """Generate one PNG per caption into `output`/images (what is there is kept), then FID against `reference`,
+    CLIP score and speed; write `output`/metrics.json and return it (None on the processes other than the main
+    one under `accelerate launch`, which split the captions)."""
+    from accelerate import PartialState
+
+    # the inputs: anything missing stops the run here, before hours of generation
+    _check_coco_arguments(reference, output, n, seed, batch_size, speed_teacher_steps)
+    # cpu=True: under a launcher on CPU accelerate then joins the processes (gloo) instead of running each alone
+    state = PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
+    dev = state.device if device in ("auto", "cuda") else torch.device(device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    listing = load_caption_list(prompts)
+    if n is not None and n > len(listing.captions):
+        raise UserError(f"--n {n} is more than the {len(listing.captions)} captions of {prompts}")
+    captions = listing.captions[:n]
+    output, extractors = Path(output).expanduser(), extractors or Extractors()
+    if state.is_main_process:
+        if extractors.inception is None:
+            fid.inception_weights(inception_weights)  # downloads it once when online
+        if extractors.clip is None:
+            check_clip_weights(clip_weights)
+    source = open_source(model, steps=steps, guidance=guidance, scheduler=scheduler, device=dev, dtype=dtype)
+    settings = {**{k: source.info.get(k) for k in ("kind", "steps", "guidance", "scheduler", "resolution", "dtype")},
+                "model": _identity(source.info["model"]), "seed": seed, "captions_sha256": listing.info["captions_sha256"]}
+
+    # the images: every process renders its share of what is missing
+    if state.is_main_process:
+        _claim(output, settings, write=True)
+    state.wait_for_everyone()
+    _claim(output, settings, write=False)
+    generation = generate_missing(source, captions, output / IMAGES_DIR, seed=seed, batch_size=batch_size,
+                                  process_index=state.process_index, num_processes=state.num_processes,
+                                  progress=progress and state.is_main_process)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    files = [image_path(output / IMAGES_DIR, i) for i in range(len(captions))]
+    if missing := [f.name for f in files if not f.is_file()]:
+        raise RuntimeError(f"{len(missing)} images missing after generation ({missing[:3]} ...): run the same "
+                           "command again to render them")
+    atomic_write_text(output / CAPTIONS_FILE, "\n".join(captions) + "\n")
+
+    # speed on the main process, then the model makes room for the metrics' networks
+    speed = _speed(source, captions[0], batch_size, speed_teacher_steps, speed_repeats, dev, dtype)
+    speed["hardware"]["processes"] = state.num_processes
+    model_info, export = dict(source.info), getattr(source, "root", None)
+    del source
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # FID and CLIP score
+    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+    inception = extractors.inception or fid.load_inception(dev, inception_weights)
+    ref, ref_path = fid.reference_stats(reference, inception, dev, batch_size=batch_size, num_workers=workers)
+    generated = fid.stats_of(fid.file_features(files, inception, dev, batch_size, workers, "FID features"), {})
+    scorer = extractors.clip or load_clip(dev, clip_weights)
+    clip = clip_score(scorer, files, captions, batch_size, progress)
+
+    metrics = {
+        "fid": round(fid.frechet_distance(generated, ref), 4),
+        "clip_score": round(clip["mean"], 5),
+        "protocol": "zero-shot COCO-2014 val: one image per caption, FID (clean-fid) and CLIP score on the "
+                    f"{fid.EVAL_RESOLUTION} px centre crop (docs/EVALUATION.md)",
+        "model": model_info,
+        "captions": {**listing.info, "used": len(captions)},
+        "images": {"folder": str(output / IMAGES_DIR), "count": len(files), "seed": seed,
+                   "seeds": f"caption i has seed {seed} + i", "generation_main_process": generation},
+        "fid_details": {"images": generated.info["count"], "extractor": inception.name, "transform": fid.TRANSFORM,
+                        "reference": {"source": str(reference), "stats_file": str(ref_path), **ref.info}},
+        "clip_details": {**clip, "model": scorer.name, "prefix": CLIP_PREFIX, "transform": fid.TRANSFORM,
+                         "similarity": "cosine, not x100"},
+        "speed": speed,
+        "versions": _versions(),
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    text = json.dumps(metrics, indent=2) + "\n"
+    atomic_write_text(output / METRICS_FILE, text)
+    if export is not None and (card_dir := _card_dir(export)) is not None:
+        atomic_write_text(card_dir / METRICS_FILE, text)  # `emd-t2i export` puts it into the model card
+    return metrics
+
+
+def _check_coco_arguments(reference, output, n, seed, batch_size, speed_teacher_steps) -> None:
+    if output is None:
+        raise UserError("--output is needed with --prompts: a folder for the images and metrics.json (running the "
+                        "same command again resumes)")
+    if reference is None:
+        raise UserError("--reference is needed with --prompts: the COCO val2014 image folder, or a statistics .npz "
+                        "made by `emd-t2i coco reference`")
+    if not Path(reference).expanduser().exists():
+        raise UserError(f"--reference {reference} does not exist: pass the COCO val2014 image folder (or its zip), or "
+                        "a statistics .npz made by `emd-t2i coco reference`")
+    for flag, value, low in (("--n", n, 1), ("--seed", seed, 0), ("--batch-size", batch_size, 1),
+                             ("--speed-teacher-steps", speed_teacher_steps, 0)):
+        if value is not None and value < low:
+            raise UserError(f"{flag} must be >= {low} (got {value})")
+
+
+def _identity(model: str) -> str:
+    """A local folder by its absolute path (so `runs/x` and `/home/me/runs/x` are one model), a hub id as is."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def _claim(output: Path, settings: dict, write: bool) -> None:
+    """Refuse to add images to a folder made with other settings; record the settings in a new folder."""
+    path = output / GENERATION_FILE
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if changed := [f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]:
+            raise UserError(f"--output {output} holds images made with other settings ({'; '.join(changed)}): pass "
+                            "another --output, or delete that folder to start over")
+    elif write:
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+
+
+def hardware(device: torch.device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"device": str(device), "name": name, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def _speed(source, prompt: str, batch_size: int, teacher_steps: int, repeats: int, device, dtype) -> dict:
+    """The evaluated model's latency and images/s; for an export also its teacher's at `teacher_steps`, on the
+    same hardware, batch size and precision."""
+    own = measure_speed(source, prompt, batch_size, repeats)
+    speed = {"hardware": hardware(device), "dtype": str(dtype).removeprefix("torch."),
+             "one_step" if isinstance(source, OneStep) else "teacher": own}
+    facts = getattr(source, "facts", {})
+    if isinstance(source, OneStep) and teacher_steps and facts.get("teacher_source"):
+        guidance = facts.get("guidance_scale", TEACHER_GUIDANCE)
+        try:
+            teacher = TeacherSampler(facts["teacher_source"], teacher_steps, guidance, "teacher", device, dtype)
+        except UserError as err:  # e.g. the teacher is not in the offline cache: the metrics still count
+            speed["teacher"] = {"skipped": str(err)}
+            return speed
+        speed["teacher"] = measure_speed(teacher, prompt, batch_size, repeats)
+        speed["one_step_speedup"] = {
+            "latency": round(speed["teacher"]["latency_s"] / own["latency_s"], 2),
+            "images_per_s": round(own["images_per_s"] / speed["teacher"]["images_per_s"], 2)}
+    return speed
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _card_dir(export: Path) -> Path | None:
+    """Where `emd-t2i export` looks for metrics.json: the run folder of a run's export, else the export folder
+    (None for a bare pipeline folder, which has no card)."""
+    from .export import FACTS_FILE, PIPELINE_DIR
+
+    folder = export.parent if export.name == PIPELINE_DIR and (export.parent / FACTS_FILE).is_file() else export
+    if not (folder / FACTS_FILE).is_file():
+        return None
+    return folder.parent if (folder.parent / "config.json").is_file() else folder

@@ -308,7 +308,8 @@ def export_run(
         if "pipeline" in formats:
             _write_pipeline(tmp / PIPELINE_DIR, teacher, scheduler)
         (tmp / FACTS_FILE).write_text(json.dumps({**facts, "formats": list(formats)}, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(facts, formats, output, _read_eval(run_dir)))
+        card = model_card(facts, formats, output, _read_eval(run_dir), _read_eval(run_dir, "metrics.json"))
+        (tmp / "README.md").write_text(card)
         _publish(tmp, output, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -332,8 +333,9 @@ def _publish(tmp: Path, output: Path, overwrite: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _read_eval(run_dir: Path) -> dict | None:
-    path = run_dir / "eval.json"
+def _read_eval(run_dir: Path, name: str = "eval.json") -> dict | None:
+    """eval.json (the toy metrics) or metrics.json (the COCO protocol, `emd-t2i eval --prompts`), if there."""
+    path = run_dir / name
     if not path.is_file():
         return None
     try:
@@ -346,7 +348,23 @@ def _rows(pairs) -> str:
     return "\n".join(f"| {k} | {v} |" for k, v in pairs)
 
 
-def _eval_section(evaluation: dict | None) -> str:
+def _coco_section(metrics: dict) -> str:
+    """The headline numbers of metrics.json: quality, and the speed a user weighs against it."""
+    captions, speed = metrics.get("captions", {}), metrics.get("speed", {})
+    rows = [("FID", metrics.get("fid")), ("CLIP score", metrics.get("clip_score")),
+            ("images", f"{metrics.get('images', {}).get('count')} ({captions.get('name') or captions.get('source')})")]
+    for key in ("one_step", "teacher"):
+        if "latency_s" in (run := speed.get(key, {})):
+            label = f"{key.replace('_', '-')} ({run['steps']} step{'s' * (run['steps'] != 1)}, {speed['hardware']['name']})"
+            rows += [(f"{label} latency, batch 1", f"{run['latency_s']} s"),
+                     (f"{label} images/s, batch {run['batch_size']}", run["images_per_s"])]
+    return ("Zero-shot COCO-2014 val, FID (clean-fid) and CLIP score (open_clip ViT-g-14) at 256 px "
+            "(docs/EVALUATION.md), from `metrics.json` of the run:\n\n| metric | value |\n|---|---|\n" + _rows(rows))
+
+
+def _eval_section(evaluation: dict | None, metrics: dict | None = None) -> str:
+    if metrics is not None:
+        return _coco_section(metrics) + ("\n\n" + _eval_section(evaluation) if evaluation is not None else "")
     if evaluation is None:
         return "No evaluation yet: run `emd-t2i eval` on this export, then export again to list the numbers."
     flat = []
@@ -363,7 +381,8 @@ def _front_matter(teacher_source: str) -> str:
             "tags: [text-to-image, stable-diffusion, lora, one-step, emd-t2i]\n---\n")
 
 
-def model_card(facts: dict, formats: tuple[str, ...], output: Path, evaluation: dict | None) -> str:
+def model_card(facts: dict, formats: tuple[str, ...], output: Path, evaluation: dict | None,
+               metrics: dict | None = None) -> str:
     """README.md of an export: the teacher, how it was distilled, how to load it, and its evaluation."""
     snippets = loading_snippets(output.as_posix(), facts["teacher_source"])
     entry = TEACHERS.get(facts["teacher"])
@@ -395,5 +414,5 @@ def model_card(facts: dict, formats: tuple[str, ...], output: Path, evaluation: 
         parts += [(f"AUTOMATIC1111 / ComfyUI: put `{KOHYA_FILE}` in the LoRA folder, use weight 1.0, 1 step, "
                    f"CFG 1, and a sampler whose single step starts at {start} (untested here; the "
                    "diffusers code above is the reference).\n")]
-    parts += ["## Evaluation\n", _eval_section(evaluation) + "\n"]
+    parts += ["## Evaluation\n", _eval_section(evaluation, metrics) + "\n"]
     return "\n".join(parts)

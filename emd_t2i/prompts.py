@@ -1,24 +1,28 @@
-"""Prompt sources (txt, jsonl, csv, folder, Hugging Face dataset) and the text-embedding cache."""
+"""Prompt sources read lazily by index (files, shards, tars, Hugging Face datasets), the truncation report and
+the validation prompts."""
 
 from __future__ import annotations
 
-import csv
-import json
+import glob
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from torch import Tensor
+import numpy as np
 
+from .embeddings import EmbeddingCache, encode_prompts  # noqa: F401  (re-exported: the loop imports them here)
 from .errors import UserError
+from .prompt_files import (  # noqa: F401  (DEFAULT_COLUMNS, pick_column: re-exported)
+    ARROW_SUFFIXES,
+    DEFAULT_COLUMNS,
+    KINDS,
+    PromptSource,
+    clean,
+    index_files,
+    pick_column,
+)
 
-DEFAULT_COLUMNS = ("prompt", "text", "caption")
-TEXT_SUFFIXES = (".txt",)
-JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
-CSV_SUFFIXES = (".csv", ".tsv")
-# The list that ships with the repository (a checkout; it is not package data).
 # Prompt lists that ship with the tool: `prompts/NAME.txt` in a checkout, installed to share/emd-t2i/prompts.
 BUNDLED_DIRS = (Path(__file__).resolve().parents[1] / "prompts", Path(sys.prefix) / "share" / "emd-t2i" / "prompts")
 GENERAL_PROMPTS = BUNDLED_DIRS[0] / "general.txt"
@@ -33,19 +37,23 @@ def bundled_prompt_file(name: str) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Loading prompts
+# Opening a source
 # ---------------------------------------------------------------------------------------------------------
 
 
-def load_prompts(
-    source: str, *, column: str | None = None, split: str = "train", limit: int | None = None
-) -> list[str]:
-    """Prompts from a source; whitespace is collapsed and empty prompts are skipped.
+def open_prompts(
+    source: str, *, column: str | None = None, split: str = "train", limit: int | None = None, cache: bool = True
+) -> Sequence[str]:
+    """A random-access, read-only sequence of the prompts of a source; whitespace collapsed, empty ones skipped.
 
-    source: a bundled list by name (`general`), `file.txt` (one prompt a line), `file.jsonl` / `file.csv` / `file.tsv` (the `column`, by default
-    the first of prompt/text/caption present), a folder (every line of every *.txt in it, sorted by file
-    name: a file holding one caption and a file holding a list both work), or `hf:owner/name` (a Hugging
-    Face dataset's `split` and `column`; needs `pip install datasets`). `limit` keeps the first N.
+    Nothing but a compact index (8 bytes a prompt for files) is held in memory; prompt i is read when asked for.
+    source: a bundled list by name (`general`); `file.txt` (one prompt a line); `file.jsonl` / `.csv` / `.tsv`
+    (the `column`, by default the first of prompt/text/caption present); `shards.tar` (webdataset: members
+    KEY.txt, or KEY.<column>); a folder (its *.txt files, sorted by name, else its *.jsonl shards, else its *.tar
+    shards; a folder written by `datasets`' save_to_disk is read as that dataset); a glob (`data/*.jsonl`, files of
+    one type); a `datasets` .arrow file; or `hf:owner/name` (a Hugging Face dataset's `split`; needs `pip install
+    datasets`). `limit` keeps the first N. `cache` keeps the offset index of a large file (>= 8 MiB) in
+    `prompt_files.index_cache_dir()`, keyed by the file's path, size and modification time.
     """
     if limit is not None and limit < 1:
         raise UserError(f"the prompt limit must be >= 1 (got {limit})")
@@ -54,107 +62,108 @@ def load_prompts(
     if source.startswith("hf:"):
         prompts = _from_hf(source[3:], column, split, limit)
     else:
-        prompts = _clean(_from_path(Path(source).expanduser(), column))
-    if not prompts:
+        prompts = _from_path(source, column, split, limit, cache)
+    if not len(prompts):
         raise UserError(f"prompt source {source} holds no prompts: give --prompts a non-empty source")
-    return prompts[:limit] if limit is not None else prompts
+    return prompts if limit is None or limit >= len(prompts) else _Head(prompts, limit)
 
 
-def _clean(prompts: Iterable[object]) -> list[str]:
-    """Collapse whitespace as CLIP's tokenizer does, and drop empty entries."""
-    cleaned = (" ".join(str(p).split()) for p in prompts if p is not None)
-    return [p for p in cleaned if p]
+def load_prompts(
+    source: str, *, column: str | None = None, split: str = "train", limit: int | None = None
+) -> list[str]:
+    """All the prompts of a source as a list (for short lists: `sample`, `eval`); see `open_prompts`."""
+    return list(open_prompts(source, column=column, split=split, limit=limit))
 
 
-def _from_path(path: Path, column: str | None) -> list[str]:
+def _from_path(source: str, column: str | None, split: str, limit: int | None, cache: bool) -> Sequence[str]:
+    path = Path(source).expanduser()
+    if not path.exists() and glob.has_magic(source):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise UserError(f"prompt glob {source} matches no files: check the pattern given to --prompts")
+        kinds = {KINDS.get(f.suffix.lower()) for f in files}
+        if len(kinds) != 1 or None in kinds:
+            found = ", ".join(sorted({f.suffix or "(none)" for f in files}))
+            raise UserError(f"prompt glob {source} matches files of types {found}: match one of "
+                            f"{', '.join(KINDS)}")
+        return index_files(source, kinds.pop(), files, column, cache)
     if not path.exists():
-        raise UserError(
-            f"prompt source {path} does not exist: give --prompts a file, folder or hf:owner/name"
-        )
+        raise UserError(f"prompt source {path} does not exist: give --prompts a file, folder or hf:owner/name")
     if path.is_dir():
-        return _from_folder(path)
+        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            return _from_saved_dataset(path, column, split, limit)
+        return _from_folder(path, column, cache)
     suffix = path.suffix.lower()
-    if suffix in TEXT_SUFFIXES:
-        return _read_text(path).splitlines()
-    if suffix in JSONL_SUFFIXES:
-        return _from_jsonl(path, column)
-    if suffix in CSV_SUFFIXES:
-        return _from_csv(path, column)
-    supported = ", ".join(TEXT_SUFFIXES + JSONL_SUFFIXES + CSV_SUFFIXES)
+    if suffix in KINDS:
+        return index_files(source, KINDS[suffix], [path], column, cache)
+    if suffix in ARROW_SUFFIXES:
+        datasets = _import_datasets(str(path))
+        return _dataset_prompts(datasets.Dataset.from_file(str(path)), column, str(path), limit)
+    supported = ", ".join((*KINDS, *ARROW_SUFFIXES))
     raise UserError(f"prompt file {path} has an unknown type {suffix!r}: use one of {supported}, or a folder")
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(
-            f"cannot read prompt file {path} ({err.__class__.__name__}): it must be UTF-8 text"
-        ) from err
+def _from_folder(folder: Path, column: str | None, cache: bool) -> Sequence[str]:
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    for kind in ("txt", "jsonl", "tar"):  # captions beside images come first, as they always did
+        chosen = [p for p in files if KINDS.get(p.suffix.lower()) == kind]
+        if chosen:
+            return index_files(str(folder), kind, chosen, column, cache)
+    raise UserError(f"prompt folder {folder} has no .txt files (nor .jsonl or .tar shards): put one prompt "
+                    "(or one a line) in each")
 
 
-def _from_folder(folder: Path) -> list[str]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".txt")
-    if not files:
-        raise UserError(f"prompt folder {folder} has no .txt files: put one prompt (or one a line) in each")
-    return [line for f in files for line in _read_text(f).splitlines()]
+# ---------------------------------------------------------------------------------------------------------
+# The sequences
+# ---------------------------------------------------------------------------------------------------------
 
 
-def pick_column(columns: Sequence[str], column: str | None, source: str) -> str:
-    """The requested column, or the first default one present; a UserError lists what exists."""
-    if column is not None and column in columns:
-        return column
-    if column is None:
-        for name in DEFAULT_COLUMNS:
-            if name in columns:
-                return name
-    wanted = repr(column) if column is not None else f"any of {', '.join(DEFAULT_COLUMNS)}"
-    found = ", ".join(map(str, columns)) or "none"
-    raise UserError(
-        f"prompt source {source} has no column {wanted} (found: {found}): choose one with --prompt-column"
-    )
+class DatasetPrompts(PromptSource):
+    """One column of a `datasets` table (memory-mapped arrow); rows whose prompt is empty are skipped."""
+
+    def __init__(self, name: str, column: Sequence):
+        self.name, self.column = name, column
+        keep = np.ones(len(column), dtype=bool)
+        for start in range(0, len(column), 8192):
+            for j, value in enumerate(column[start : start + 8192]):
+                keep[start + j] = bool(clean(value))
+        self.rows = None if keep.all() else np.flatnonzero(keep)  # None: every row is a prompt
+
+    def __len__(self) -> int:
+        return len(self.column) if self.rows is None else len(self.rows)
+
+    def _get(self, i: int) -> str:
+        return clean(self.column[i if self.rows is None else int(self.rows[i])])
 
 
-def _from_jsonl(path: Path, column: str | None) -> list[str]:
-    rows = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise UserError(
-                f"prompt file {path}, line {number}, is not valid JSON: fix or remove it"
-            ) from err
-    if all(isinstance(r, str) for r in rows):
-        return rows
-    objects = [r for r in rows if isinstance(r, dict)]
-    if len(objects) != len(rows):
-        raise UserError(f"prompt file {path} mixes JSON objects with other values: use one object a line")
-    columns = list(dict.fromkeys(k for r in objects for k in r))
-    name = pick_column(columns, column, str(path))
-    return [r.get(name) for r in objects]
+class _Head(PromptSource):
+    """The first `n` prompts of a source (`--limit`)."""
+
+    def __init__(self, source: Sequence[str], n: int):
+        self.source, self.n, self.name = source, n, getattr(source, "name", "prompts")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _get(self, i: int) -> str:
+        return self.source[i]
 
 
-def _from_csv(path: Path, column: str | None) -> list[str]:
-    text = _read_text(path)
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-    try:
-        rows = list(reader)
-    except csv.Error as err:
-        raise UserError(f"prompt file {path} is not valid CSV ({err}): fix it or use .txt / .jsonl") from err
-    if reader.fieldnames is None:  # an empty file: load_prompts reports it as holding no prompts
-        return []
-    name = pick_column(reader.fieldnames or [], column, str(path))
-    return [r.get(name) for r in rows]
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face datasets (memory-mapped arrow tables, random access by row)
+# ---------------------------------------------------------------------------------------------------------
 
 
-def _from_hf(name: str, column: str | None, split: str, limit: int | None) -> list[str]:
+def _import_datasets(what: str):
     try:
         import datasets
     except ImportError as err:
-        raise UserError(f"hf:{name} needs the `datasets` library: `pip install datasets`") from err
+        raise UserError(f"{what} needs the `datasets` library: `pip install datasets`") from err
+    return datasets
+
+
+def _from_hf(name: str, column: str | None, split: str, limit: int | None) -> Sequence[str]:
+    datasets = _import_datasets(f"hf:{name}")
     try:
         dataset = datasets.load_dataset(name, split=split)
     except (OSError, ValueError, ConnectionError) as err:
@@ -162,84 +171,73 @@ def _from_hf(name: str, column: str | None, split: str, limit: int | None) -> li
             f"cannot load dataset hf:{name} split {split!r} ({err.__class__.__name__}): check the name and "
             "split, and that it is downloaded when offline"
         ) from err
+    return _dataset_prompts(dataset, column, f"hf:{name}", limit)
+
+
+def _from_saved_dataset(folder: Path, column: str | None, split: str, limit: int | None) -> Sequence[str]:
+    datasets = _import_datasets(f"dataset folder {folder}")
+    try:
+        dataset = datasets.load_from_disk(str(folder))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load dataset folder {folder} ({err.__class__.__name__}): re-save it with "
+                        "Dataset.save_to_disk") from err
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise UserError(f"dataset folder {folder} has no split {split!r} (found: {', '.join(dataset)}): "
+                            "choose one with --split")
+        dataset = dataset[split]
+    return _dataset_prompts(dataset, column, str(folder), limit)
+
+
+def _dataset_prompts(dataset, column: str | None, name: str, limit: int | None) -> DatasetPrompts:
     if limit is not None and limit < len(dataset):
         dataset = dataset.select(range(limit))
-    return _clean(dataset[pick_column(dataset.column_names, column, f"hf:{name}")])
+    return DatasetPrompts(name, dataset[pick_column(dataset.column_names, column, name)])
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tokenizing and encoding
+# What the run reads of a source besides its batches
 # ---------------------------------------------------------------------------------------------------------
 
 
-def truncate_report(tokenizer, prompts: Sequence[str]) -> int:
-    """Count the prompts longer than the tokenizer's window (77 for CLIP) and warn once if any are."""
-    if not prompts:
+def truncate_report(tokenizer, prompts: Sequence[str], *, sample: int = 10_000) -> int:
+    """Count the prompts longer than the tokenizer's window (77 for CLIP) and warn once if any are.
+
+    A source larger than `sample` is judged by `sample` prompts evenly spaced through it; the count is theirs.
+    """
+    if not len(prompts):
         return 0
-    ids = tokenizer(list(prompts), truncation=False, verbose=False).input_ids
-    count = sum(len(x) > tokenizer.model_max_length for x in ids)
+    checked = [prompts[i] for i in spread_indices(len(prompts), sample)]
+    count = 0
+    for start in range(0, len(checked), 1024):
+        ids = tokenizer(checked[start : start + 1024], truncation=False, verbose=False).input_ids
+        count += sum(len(x) > tokenizer.model_max_length for x in ids)
     if count:
-        warnings.warn(
-            f"{count} of {len(prompts)} prompts are longer than {tokenizer.model_max_length} tokens "
-            "and will be truncated",
-            stacklevel=2,
-        )
+        of = f"{len(checked)}" if len(checked) == len(prompts) else f"{len(checked)} sampled (of {len(prompts)})"
+        warnings.warn(f"{count} of {of} prompts are longer than {tokenizer.model_max_length} tokens and will be "
+                      "truncated", stacklevel=2)
     return count
 
 
-@torch.no_grad()
-def encode_prompts(
-    tokenizer, text_encoder, prompts: Sequence[str], *, device: str | torch.device, batch_size: int = 64
-) -> Tensor:
-    """The text encoder's last_hidden_state (B, 77, D) as Stable Diffusion conditions its UNet on it."""
-    chunks = []
-    for start in range(0, len(prompts), batch_size):
-        ids = tokenizer(
-            list(prompts[start : start + batch_size]),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        chunks.append(text_encoder(ids.to(device))[0])
-    return torch.cat(chunks)
+def spread_indices(size: int, n: int) -> list[int]:
+    """n positions evenly spaced through range(size) (all of them when size <= n)."""
+    return [i * size // n for i in range(n)] if size > n else list(range(size))
 
 
-class EmbeddingCache:
-    """Encodes each distinct prompt once; keeps the embeddings on the CPU in the text encoder's dtype."""
+def distinct_spread(prompts: Sequence[str], n: int, *, probes: int = 64) -> list[str]:
+    """Up to n distinct prompts evenly spaced through a source (the validation prompts), reading about n of them.
 
-    def __init__(self, tokenizer, text_encoder, *, batch_size: int = 64):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.batch_size = batch_size
-        self.encoded = 0  # prompts sent through the text encoder (a cache hit adds nothing)
-        self.encoder_calls = 0  # forward calls of the text encoder
-        self._store: dict[str, Tensor] = {}
-
-    @property
-    def _device(self) -> torch.device:
-        return next(self.text_encoder.parameters()).device
-
-    def __len__(self) -> int:
-        return len(self._store)
-
-    def _encode_missing(self, prompts: Sequence[str]) -> None:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._store]
-        if not missing:
-            return
-        embeddings = encode_prompts(
-            self.tokenizer, self.text_encoder, missing, device=self._device, batch_size=self.batch_size
-        ).cpu()
-        self.encoded += len(missing)
-        self.encoder_calls += -(-len(missing) // self.batch_size)
-        self._store.update(zip(missing, embeddings))
-
-    def get(self, prompts: Sequence[str], device: str | torch.device | None = None) -> Tensor:
-        """The embeddings (B, 77, D) of `prompts`, in order, on `device` (default: the encoder's)."""
-        self._encode_missing(prompts)
-        batch = torch.stack([self._store[p] for p in prompts])
-        return batch.to(device if device is not None else self._device)
-
-    def null_embedding(self, device: str | torch.device | None = None) -> Tensor:
-        """The embedding (1, 77, D) of the empty prompt "", the unconditional branch of guidance."""
-        return self.get([""], device)
+    Equals `spread(list(dict.fromkeys(prompts)), n)` when the prompts are distinct. A repeated prompt is passed
+    over for the next new one in its stretch of the source (at most `probes` reads), so a source with few
+    distinct prompts may give fewer than n.
+    """
+    size = len(prompts)
+    if size <= n:
+        return list(dict.fromkeys(prompts))
+    chosen: dict[str, None] = {}
+    for k in range(n):
+        for i in range(k * size // n, min((k + 1) * size // n, k * size // n + probes)):
+            if (prompt := prompts[i]) not in chosen:
+                chosen[prompt] = None
+                break
+    return list(chosen)

@@ -20,10 +20,11 @@ from .emd import EMDSettings
 from .errors import UserError
 from .images import decode_latents, make_grid, to_pil
 from .interrupt import Interrupted, StopRequest
-from .iteration import Window, fake_score_updates, finite_iteration, generator_update, make_batch, spread
+from .iteration import Window, fake_score_updates, finite_iteration, generator_update, make_batch
 from .optim import lr_scale, make_scaler
 from .profiling import UNetClock
-from .prompts import EmbeddingCache, load_prompts, truncate_report
+from .embeddings import open_embeddings
+from .prompts import distinct_spread, open_prompts, truncate_report
 from .roles import (
     FAKE_SCORE,
     GENERATOR,
@@ -245,7 +246,7 @@ def resume(run: Run, run_dir: Path, accelerator) -> None:
     print(f"resuming from {latest} (iteration {run.step})")
 
 
-def validation_grid(run: Run, cache: EmbeddingCache, prompts: list[str], teacher, seed: int, path: Path):
+def validation_grid(run: Run, cache, prompts: list[str], teacher, seed: int, path: Path):
     """One-step samples for fixed prompts and seeds (seed + i for prompt i), decoded and saved as one PNG."""
     device = next(run.roles.unet.parameters()).device
     shape = (teacher.latent_channels, teacher.latent_size, teacher.latent_size)
@@ -310,10 +311,12 @@ def _distill(cfg: DistillConfig, accelerator, run_dir: Path, stop_after: int | N
         return torch.autocast(device.type, dtype=weight_dtype(precision), enabled=precision != "no")
 
     # Prompts, their embeddings (each encoded once), the null prompt for guidance.
-    prompts = load_prompts(cfg.prompts, column=cfg.prompt_column) if cfg.prompts else default_prompts(cfg)
+    # Prompts are read lazily (8 bytes each in RAM); embeddings come from a precomputed store or a bounded cache.
+    prompts = open_prompts(cfg.prompts, column=cfg.prompt_column) if cfg.prompts else default_prompts(cfg)
     truncate_report(teacher.tokenizer, prompts)
-    cache = EmbeddingCache(teacher.tokenizer, teacher.text_encoder)
-    validation_prompts = spread(list(dict.fromkeys(prompts)), cfg.num_validation_prompts)
+    cache = open_embeddings(teacher.tokenizer, teacher.text_encoder, prompts, cfg.embeddings,
+                            max_entries=cfg.embedding_cache)
+    validation_prompts = distinct_spread(prompts, cfg.num_validation_prompts)
 
     check_ranks_agree(unet, accelerator, "at start")
     resume(run, run_dir, accelerator)

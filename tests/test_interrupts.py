@@ -73,7 +73,7 @@ def test_sigterm_inside_the_fake_score_updates_through_the_cli(
     cfg = tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "run", **KEPT)
     args = ["distill", "--no-export"] + [
         f"--{k.replace('_', '-')}={v}" for k, v in cfg.to_dict().items() if k != "target_modules" and
-        not isinstance(v, bool)
+        not isinstance(v, bool) and v is not None
     ]
     signal_on_call(monkeypatch, "fake_score_step", call=4, signum=signal.SIGTERM)  # iteration 2, second update
     result = CliRunner().invoke(app, args)

@@ -220,7 +220,7 @@ def test_cache_keeps_encoder_dtype_on_cpu(tokenizer, text_encoder):
     cache = EmbeddingCache(tokenizer, half)
     out = cache.get(["a cat"], device="cpu")
     assert out.dtype == torch.bfloat16
-    assert all(e.device.type == "cpu" and e.dtype == torch.bfloat16 for e in cache._store.values())
+    assert cache._block.device.type == "cpu" and cache._block.dtype == torch.bfloat16
 
 
 def test_a_bundled_list_loads_by_name():
