@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import atomic_write_text
 from .errors import UserError
+from .files import write_text_atomic
 
 COCO_30K = "coco2014-val-30k"  # the name `--prompts` knows once `emd-t2i coco captions` has written it
 DEFAULT_CAPTIONS = 30_000
@@ -172,7 +172,7 @@ def prepare_captions(source: str, output: str | Path | None = None, *, n: int = 
         "captions": [{k: v for k, v in vars(c).items() if v is not None} for c in chosen],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(document, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(document, indent=1) + "\n")
     return path
 
 

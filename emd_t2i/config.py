@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .files import write_text_atomic
 from .presets import DEFAULT_TARGET_MODULES, PRESETS, preset_name
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -105,7 +106,7 @@ class DistillConfig:
         return cls(**data)
 
     def save(self, path: Path) -> None:
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> DistillConfig:
@@ -174,11 +175,3 @@ def resolve_mixed_precision(value: str, device_type: str, bf16_supported: bool) 
     if device_type != "cuda":
         return "no"  # most CPUs gain little speed from half precision and would lose its accuracy
     return "bf16" if bf16_supported else "fp16"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that a crash leaves either the old or the new content, never half of it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

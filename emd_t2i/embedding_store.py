@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch import Tensor
 
 from .embeddings import EmbeddingCache, device_of, encode_prompts
 from .errors import UserError
-from .files import OpenFiles, write_atomic, write_json_atomic
+from .files import OpenFiles, atomic_output, write_atomic, write_json_atomic
 
 STORE_FORMAT, STORE_VERSION = "emd-t2i-embeddings", 1
 MANIFEST, NULL_FILE = "manifest.json", "null.safetensors"
@@ -119,21 +118,14 @@ def _write_shard(path: Path, hashes: np.ndarray, batches: Iterable[Tensor], shap
     count = len(hashes)
     header = _header_bytes({"hashes": ("I64", [count], 8 * count),
                             "embeddings": (st_dtype, [count, *shape], count * row_bytes)}, {"format": "pt"})
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(hashes.astype("<i8").tobytes())
-            written = 0
-            for batch in batches:
-                f.write(_tensor_bytes(batch))
-                written += len(batch)
-            assert written == count, (written, count)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path) as f:
+        f.write(header)
+        f.write(hashes.astype("<i8").tobytes())
+        written = 0
+        for batch in batches:
+            f.write(_tensor_bytes(batch))
+            written += len(batch)
+        assert written == count, (written, count)
 
 
 def _read_shard_hashes(path: Path) -> np.ndarray:

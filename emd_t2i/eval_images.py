@@ -15,6 +15,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .errors import UserError
+from .files import save_image_atomic
 from .images import decode_latents, to_pil
 from .roles import Roles
 from .sample import _as_pipeline, initial_noise, load_facts, one_step_timestep, pipeline_dir, resolve_model
@@ -139,9 +140,7 @@ def save_png(image: Image.Image, path: Path, text: dict) -> None:
     info = PngInfo()
     for key, value in text.items():
         info.add_text(key, str(value))
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    image.save(tmp, pnginfo=info)
-    tmp.replace(path)
+    save_image_atomic(path, image, pnginfo=info)
 
 
 def shard(count: int, process_index: int, num_processes: int) -> range:

@@ -17,7 +17,7 @@ from torch import Tensor
 from . import fid
 from .clipscore import CLIP_PREFIX, ClipScorer, check_clip_weights, clip_score, load_clip
 from .coco import load_caption_list
-from .config import EVAL_PROMPTS, atomic_write_text
+from .config import EVAL_PROMPTS
 from .errors import UserError
 from .eval_images import (
     IMAGES_DIR,
@@ -31,6 +31,7 @@ from .eval_images import (
     open_source,
 )
 from .fid import Extractor
+from .files import write_text_atomic
 
 ImagesFn = Callable[[list[str], int], Tensor]  # (prompts, seed) -> images in [-1, 1], (N, 3, H, W)
 
@@ -95,7 +96,7 @@ def evaluate_export(model: str | Path | None, n: int = EVAL_PROMPTS, device: str
         )
     report = {"model": str(root), "one_step": toy_report(one_step_images(root, device), n=n)}
     run_dir = root.parent if (root.parent / "config.json").exists() else root
-    atomic_write_text(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -179,7 +180,7 @@ def evaluate_coco(
     if missing := [f.name for f in files if not f.is_file()]:
         raise RuntimeError(f"{len(missing)} images missing after generation ({missing[:3]} ...): run the same "
                            "command again to render them")
-    atomic_write_text(output / CAPTIONS_FILE, "\n".join(captions) + "\n")
+    write_text_atomic(output / CAPTIONS_FILE, "\n".join(captions) + "\n")
 
     # speed on the main process, then the model makes room for the metrics' networks
     speed = _speed(source, captions[0], batch_size, speed_teacher_steps, speed_repeats, dev, dtype)
@@ -215,9 +216,9 @@ def evaluate_coco(
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     text = json.dumps(metrics, indent=2) + "\n"
-    atomic_write_text(output / METRICS_FILE, text)
+    write_text_atomic(output / METRICS_FILE, text)
     if export is not None and (card_dir := _card_dir(export)) is not None:
-        atomic_write_text(card_dir / METRICS_FILE, text)  # `emd-t2i export` puts it into the model card
+        write_text_atomic(card_dir / METRICS_FILE, text)  # `emd-t2i export` puts it into the model card
     return metrics
 
 
@@ -253,7 +254,7 @@ def _claim(output: Path, settings: dict, write: bool) -> None:
                             "another --output, or delete that folder to start over")
     elif write:
         output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+        write_text_atomic(path, json.dumps(settings, indent=2) + "\n")
 
 
 def hardware(device: torch.device) -> dict:

@@ -86,12 +86,15 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
     return os.read(fd, size)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside `path`, then rename: readers see the old file or the whole new one."""
+@contextlib.contextmanager
+def atomic_output(path: Path):
+    """A binary file to write `path` through: it is written under a temporary name beside `path`, flushed to disk,
+    then renamed, so readers (and a resumed run) see the old file or the whole new one, never half of it."""
+    path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -99,5 +102,20 @@ def write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    with atomic_output(path) as f:
+        f.write(data)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, text.encode())
+
+
 def write_json_atomic(path: Path, obj) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_image_atomic(path: Path, image, **png_options) -> None:
+    """A PIL image as a PNG, atomically (a PNG that exists is complete: resumable image folders rely on it)."""
+    with atomic_output(path) as f:
+        image.save(f, format="PNG", **png_options)

@@ -14,16 +14,17 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import DistillConfig, atomic_write_text, resolve_mixed_precision
+from .config import DistillConfig, resolve_mixed_precision
 from .ema import ema_decay_at, update_ema
+from .embeddings import open_embeddings
 from .emd import EMDSettings
 from .errors import UserError
+from .files import save_image_atomic, write_text_atomic
 from .images import decode_latents, make_grid, to_pil
 from .interrupt import Interrupted, StopRequest
 from .iteration import Window, fake_score_updates, finite_iteration, generator_update, make_batch
 from .optim import lr_scale, make_scaler
 from .profiling import UNetClock
-from .embeddings import open_embeddings
 from .prompts import distinct_spread, open_prompts, truncate_report
 from .roles import (
     FAKE_SCORE,
@@ -78,7 +79,7 @@ def truncate_log(path: Path, last_step: int) -> None:
     kill cut in half, so each iteration is logged once however the previous process ended."""
     if path.exists():
         kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= last_step]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _logged_step(line: str) -> float:
@@ -256,9 +257,7 @@ def validation_grid(run: Run, cache, prompts: list[str], teacher, seed: int, pat
         run.roles.activate(None)
     images = to_pil(decode_latents(teacher.vae, x0, teacher.scaling_factor))
     grid = make_grid(images, columns=min(len(images), 8))
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    grid.save(tmp)
-    tmp.replace(path)
+    save_image_atomic(path, grid)
     return grid
 
 
