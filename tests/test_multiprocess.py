@@ -60,3 +60,24 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_teacher_dir, pr
     a, b = lora_update(tmp_path / "two"), lora_update(tmp_path / "one")
     assert b.norm() > 0
     assert float((a - b).norm() / b.norm()) < 1e-4  # equal up to float summation order (all-reduce vs one batch)
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
+def test_sharded_launch_configs_are_refused_in_one_line(kind):
+    from accelerate.utils import DistributedType
+
+    from emd_t2i.distributed import refuse_sharding
+    from emd_t2i.errors import UserError
+
+    with pytest.raises(UserError, match=f"asks for {kind}.*plain multi-GPU config"):
+        refuse_sharding(DistributedType[kind])
+    refuse_sharding(DistributedType.MULTI_GPU)  # plain data parallel is what the loop does
+
+
+def test_device_cuda_n_is_refused_under_a_launcher(monkeypatch):
+    from emd_t2i.distributed import select_gpu
+    from emd_t2i.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="each process takes its own GPU"):
+        select_gpu(1, "cuda:1")
