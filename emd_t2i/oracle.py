@@ -31,6 +31,14 @@ class Mixture:
         return second - self.mean() ** 2
 
 
+# The mixtures the z-step choice is measured on (docs/ALGORITHM.md, "A t-dependent z step"): the oracle's own
+# symmetric one, an asymmetric one (unequal weights and scales, ML b != 0), and a sharp one (modes 3x narrower,
+# so the z-target at small t is 6x stiffer: closer to an image teacher whose data lie on a thin set).
+SYMMETRIC = Mixture()
+ASYMMETRIC = Mixture((0.3, 0.7), (-1.0, 2.5), (0.4, 0.8))
+SHARP = Mixture((0.5, 0.5), (-2.0, 2.0), (0.15, 0.15))
+
+
 def _tensors(mix: Mixture, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     kw = {"dtype": like.dtype, "device": like.device}
     return torch.tensor(mix.weights, **kw), torch.tensor(mix.means, **kw), torch.tensor(mix.stds, **kw)
@@ -150,3 +158,17 @@ def fit(
     return FitResult(
         a2=sum(p[0] for p in tail) / len(tail), b=sum(p[1] for p in tail) / len(tail), trajectory=traj
     )
+
+
+def fit_error(result: FitResult, mix: Mixture) -> tuple[float, float]:
+    """(a^2 / a^2_ML - 1, (b - b_ML) / sd): the fit's relative error in variance, and its mean error in units of
+    the teacher's standard deviation (b_ML can be 0, so a relative error in b would be meaningless)."""
+    return result.a2 / mix.variance() - 1, (result.b - mix.mean()) / math.sqrt(mix.variance())
+
+
+def chain_z(chain: Chain, a: float, b: float, batch: int, dim: int, seed: int = 0, mix: Mixture | None = None) -> Tensor:
+    """z_K of one E-step on the oracle at fixed (a, b), with t drawn from [chain.t_min, chain.t_max]: where the
+    z chain goes (set t_min = t_max to look at one t)."""
+    oracle = Oracle.create(a, b, mix)
+    draws = emd.draw(chain, (batch, dim), torch.Generator().manual_seed(seed), dtype=DTYPE)
+    return emd.e_step(oracle.generator, oracle.teacher_eps, oracle.fake_eps, oracle.alphas_cumprod, draws, chain).z

@@ -336,3 +336,59 @@ def test_noise_cancellation_cuts_variance_and_is_unbiased_without_z_updates(K, g
     diff = on - off  # paired: same z_0, eps_0, t and Langevin noise
     z_score = diff.mean(0) / (diff.std(0) / math.sqrt(diff.shape[0]))
     assert (z_score.abs() < 4).all()
+
+
+# ---------------------------------------------------------------- (f) the t-dependent z step (issue 17)
+def test_z_step_defaults_to_the_scalar_step():
+    settings = emd.EMDSettings()
+    assert settings.z_step == "constant"
+    alpha, sigma = alpha_sigma(ACP, torch.tensor([20, 980]), like=torch.zeros(2, 3, dtype=D64))
+    assert emd.z_step_size(0.03, alpha, sigma) == 0.03
+    torch.testing.assert_close(emd.z_step_size(0.5, alpha, sigma, "snr"), 0.5 * sigma**2)  # 1 / (1 + SNR) on VP
+
+
+def test_snr_z_step_is_per_sample():
+    """The batch under z_step="snr" equals each sample run alone with the scalar step gamma_z sigma_t^2."""
+    gen, teacher, fake = roles()
+    gamma_z = 0.4
+    settings = emd.EMDSettings(3, 0.5, gamma_z, z_step="snr")
+    batch_draws = chain_draws(settings, 4)
+    batch = emd.e_step(gen, teacher, fake, ACP, batch_draws, settings)
+    sigma2 = 1 - ACP[batch_draws.t].to(D64)
+    for i in range(len(sigma2)):
+        alone = emd.EMDSettings(3, 0.5, gamma_z * float(sigma2[i]))
+        single = emd.e_step(gen, teacher, fake, ACP, batch_draws.rows(i, i + 1), alone)
+        torch.testing.assert_close(single.z, batch.z[i : i + 1])
+        torch.testing.assert_close(single.eps_tilde, batch.eps_tilde[i : i + 1])
+    assert (batch.z - batch_draws.z0).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mix,t,gamma_z", [(oracle.SYMMETRIC, 20, 1.0), (oracle.SHARP, 50, 0.3)])
+def test_snr_z_step_is_stable_where_the_constant_one_diverges(mix, t, gamma_z):
+    """At small t the z-target's curvature is ~(alpha/sigma)^2 |J|^2 (15 on the symmetric oracle at t = 20, 55 on
+    the sharp one at t = 50): a scalar step above 4 / curvature blows z up geometrically; gamma_z sigma_t^2 does not.
+    32 steps at one t, (a, b) at the ML fit, where the target's z-marginal has rms about 1."""
+    a = math.sqrt(mix.variance())
+
+    def rms(rule):
+        z = oracle.chain_z(oracle.Chain(32, 0.5, gamma_z, True, "none", True, t, t, rule), a, mix.mean(), 64, 16,
+                           mix=mix)
+        return float(z.pow(2).mean().sqrt())
+
+    assert not rms("constant") < 1e3  # diverged (or overflowed to inf / nan)
+    assert 0.8 < rms("snr") < 1.2
+
+
+def test_oracle_snr_z_step_reaches_maximum_likelihood_on_two_mixtures():
+    """The chosen chain (docs/ALGORITHM.md, "A t-dependent z step"): K = 8, gamma_eps = 0.5, gamma_z = 0.175 with
+    z_step "snr", weighting "none", NC and NC0 on. benchmarks/oracle_zstep.py measured a^2 +1.4% / -1.4% of ML on
+    the symmetric / asymmetric mixture (seeds 0 and 1 agree to 0.1%), b within 0.4% of the teacher's sd; DMD is
+    15% / 12% under. This is that benchmark's run for seed 0 (deterministic, float64), so the 2% of the issue is
+    the tolerance; the margin is 0.6%, six times the seed-to-seed spread."""
+    kw = {"iters": 400, "batch": 256, "dim": 16, "lr": 0.02, "a0": 2.0, "seed": 0}
+    chosen = oracle.Chain(8, 0.5, 0.175, True, "none", True, 20, 980, "snr")
+    for mix in (oracle.SYMMETRIC, oracle.ASYMMETRIC):
+        a2_err, b_err = oracle.fit_error(oracle.fit(chosen, mix=mix, **kw), mix)
+        assert abs(a2_err) < 0.02 and abs(b_err) < 0.02, (mix, a2_err, b_err)
+        dmd_a2_err, _ = oracle.fit_error(oracle.fit(oracle.Chain(), mix=mix, **kw), mix)
+        assert dmd_a2_err < -0.1, (mix, dmd_a2_err)  # DMD (K = 1, gamma_eps = 2) stays mode-seeking
