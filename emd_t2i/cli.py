@@ -99,6 +99,7 @@ def distill(
     num_langevin_steps: Annotated[int | None, opt("num_langevin_steps", EMD)] = None,
     gamma_eps: Annotated[float | None, opt("gamma_eps", EMD)] = None,
     gamma_z: Annotated[float | None, opt("gamma_z", EMD)] = None,
+    z_step: Annotated[str | None, opt("z_step", EMD)] = None,
     noise_cancellation: Annotated[bool | None, opt("noise_cancellation", EMD)] = None,
     cancel_initial_noise: Annotated[bool | None, opt("cancel_initial_noise", EMD)] = None,
     t_star: Annotated[int | None, opt("t_star", EMD)] = None,

@@ -14,6 +14,7 @@ from .presets import DEFAULT_TARGET_MODULES, PRESETS, preset_name
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 WEIGHTINGS = ("dmd", "none")
+Z_STEPS = ("constant", "snr")  # emd.Z_STEPS (config.py imports no torch)
 LR_SCHEDULES = ("constant", "cosine")
 REPORT_TO = ("none", "tensorboard", "wandb")
 # Prompts of a toy evaluation (`emd-t2i eval`, benchmarks): prompt accuracy to about +-0.01 (+-0.019 at 240).
@@ -43,10 +44,14 @@ class DistillConfig:
     embedding_cache: int = _opt("embeddings kept in RAM per process when encoding on the fly", default=4096)
     # --- EMD (docs/ALGORITHM.md)
     # Defaults measured on the analytic oracle (docs/ALGORITHM.md, benchmarks/oracle.py): with noise cancellation,
-    # gamma_eps 0.5, gamma_z 0.03, K = 4 lands within 1% of the maximum-likelihood fit; gamma_z = 0 cannot reach it.
+    # gamma_eps 0.5, gamma_z 0.03, K = 4 lands within 1% of the maximum-likelihood fit without NC0, 3-5% with it
+    # (benchmarks/oracle_zstep.py; DMD: 12-15%); gamma_z = 0 cannot reach it. --z-step snr (K = 8, gamma_z 0.175,
+    # --weighting none) came within 1.4% on both oracle mixtures ("A t-dependent z step", docs/ALGORITHM.md).
     num_langevin_steps: int = _opt("K, Langevin steps of the E-step", default=4)
     gamma_eps: float = _opt("step size of the eps chain (L1)", default=0.5)
     gamma_z: float = _opt("step size of the z chain (L2); 0 keeps z fixed", default=0.03)
+    z_step: str = _opt("z step per t: constant (gamma_z) | snr (gamma_z / (1 + alpha_t^2 / sigma_t^2), stable at "
+                       "small t)", default="constant")
     noise_cancellation: bool = _opt("remove the injected eps-chain noise (NC1, NC2)", default=True)
     cancel_initial_noise: bool = _opt("with noise cancellation, also cancel the rest of eps_0 (NC0)",
                                       default=True)
@@ -149,6 +154,8 @@ def _problems(c: DistillConfig):
         yield f"--guidance-scale must be >= 1 (1 = no guidance; got {c.guidance_scale})"
     if c.lr_schedule not in LR_SCHEDULES:
         yield f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {c.lr_schedule!r})"
+    if c.z_step not in Z_STEPS:
+        yield f"--z-step must be one of {', '.join(Z_STEPS)} (got {c.z_step!r})"
     if c.weighting not in WEIGHTINGS:
         yield f"--weighting must be one of {', '.join(WEIGHTINGS)} (got {c.weighting!r})"
     if c.mixed_precision not in MIXED_PRECISION:

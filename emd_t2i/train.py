@@ -125,7 +125,7 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
 
 def emd_settings(cfg: DistillConfig) -> EMDSettings:
     return EMDSettings(cfg.num_langevin_steps, cfg.gamma_eps, cfg.gamma_z, cfg.noise_cancellation, cfg.weighting,
-                       cfg.cancel_initial_noise, cfg.t_min, cfg.t_max)
+                       cfg.cancel_initial_noise, cfg.t_min, cfg.t_max, cfg.z_step)
 
 
 def save(run: Run, run_dir: Path, cfg: DistillConfig, accelerator, precision: str) -> Path | None:

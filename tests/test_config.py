@@ -75,3 +75,14 @@ def test_config_json_without_the_new_fields_still_loads(tmp_path):
     old = {k: v for k, v in build_config(teacher="toy").to_dict().items() if k not in ("lr_warmup", "profile")}
     cfg = DistillConfig.from_dict(old)
     assert cfg.lr_warmup == 0 and cfg.profile is False and cfg == build_config(teacher="toy")
+
+
+def test_z_step_reaches_the_e_step_and_bad_values_are_refused():
+    from emd_t2i.config import Z_STEPS as CONFIG_Z_STEPS
+    from emd_t2i.emd import Z_STEPS
+    from emd_t2i.train import emd_settings
+
+    assert CONFIG_Z_STEPS == Z_STEPS
+    assert emd_settings(build_config(teacher="toy", z_step="snr")).z_step == "snr"
+    with pytest.raises(UserError, match="--z-step must be one of constant, snr"):
+        build_config(teacher="toy", z_step="linear")
