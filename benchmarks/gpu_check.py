@@ -1,10 +1,11 @@
 """One-shot GPU check of EMD at SD1.5 size: training memory and speed, MFU, one-step vs 25-step sampling.
 
 On a random-weight SD1.5 (benchmarks/sd_random.py, built on the GPU, bf16) at 512 px: `emd_t2i.train.distill`
-at batch 4, K = 4, gamma_z = 0.03, 5 fake updates, bf16 (the sd-1.5 preset for the rest), gradient checkpointing on and off (peak CUDA memory,
-s / iteration after one warm-up iteration, UNet rows / s, model FLOP utilisation), then the export's one-step
-pipeline against the teacher's 25-step DDIM (at the preset's guidance) at batch 1 and 16. One JSON; a failing section
-records its error and the others still run; --budget-s stops starting sections when time runs low.
+at batch 4, K = 4, gamma_z = 0.03, 5 fake updates, bf16 (the sd-1.5 preset for the rest), gradient checkpointing
+on and off (peak CUDA memory, s / iteration after one warm-up iteration, UNet rows / s, model FLOP utilisation),
+then the export's one-step pipeline against the teacher's 25-step DDIM (at the preset's guidance) at batch 1 and
+16. One JSON; a failing section records its error and the others still run; --budget-s stops starting sections
+when time runs low.
 
     python benchmarks/gpu_check.py                     # one H100 / H200: a few minutes
     python benchmarks/gpu_check.py --tiny --out /tmp/gpu_check_tiny.json    # CPU, tiny model, seconds
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import platform
@@ -97,7 +99,8 @@ def section_build(c: Check) -> dict:
 
 
 def section_flops(c: Check) -> dict:
-    """FLOPs of one UNet row forward (batch 1, the model's latent size, 77 tokens), by FlopCounterMode."""
+    """FLOPs of one UNet row forward (batch 1, the model's latent size, 77 tokens), by FlopCounterMode. On CUDA
+    the attention kernels are counted; on the CPU (--tiny) torch's flash-attention-for-CPU op has no formula."""
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -125,7 +128,7 @@ def _distill_config(c: Check, run_dir: Path, checkpointing: bool):
     return build_config(
         teacher=str(c.teacher), prompts=str(c.workdir / "prompts.txt"), output=str(run_dir),
         num_langevin_steps=K, gamma_z=GAMMA_Z, fake_updates=FAKE_UPDATES,
-        iterations=c.iterations, batch_size=BATCH, gradient_checkpointing=checkpointing,
+        iterations=c.iterations, lr_warmup=0, batch_size=BATCH, gradient_checkpointing=checkpointing,
         mixed_precision="bf16" if c.cuda else "no", device=c.device, profile=True,
         log_every=1, validate_every=0, num_validation_prompts=1, checkpoint_every=c.iterations, keep_checkpoints=1,
     )
@@ -207,13 +210,18 @@ def _time_call(c: Check, fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+@torch.no_grad()
+def _generate(pipe, prompts: list[str], steps: int, guidance_scale: float) -> None:
+    pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pt",
+         generator=torch.Generator("cpu").manual_seed(0))
+
+
 def section_sampling(c: Check) -> dict:
     """Latency and images / s of the one-step export and the 25-step teacher (VAE decode included)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from emd_t2i.export import one_step_scheduler
-
     from emd_t2i.config import build_config
+    from emd_t2i.export import one_step_scheduler
 
     guidance = build_config(teacher=str(c.teacher)).guidance_scale  # the teacher guidance a run distills
     out = {"teacher_steps": TEACHER_STEPS, "teacher_guidance_scale": guidance, "dtype": str(c.dtype),
@@ -233,12 +241,9 @@ def section_sampling(c: Check) -> dict:
         pipe.to(c.device)
     for batch in SAMPLE_BATCHES:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-        for name, pipe, steps, guidance in (("one_step", one_step, 1, 0.0),
-                                            (f"teacher_{TEACHER_STEPS}", teacher, TEACHER_STEPS, guidance)):
-            def call():
-                with torch.no_grad():
-                    pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
-                         generator=torch.Generator("cpu").manual_seed(0))
+        for name, pipe, steps, scale in (("one_step", one_step, 1, 0.0),
+                                         (f"teacher_{TEACHER_STEPS}", teacher, TEACHER_STEPS, guidance)):
+            call = functools.partial(_generate, pipe, prompts, steps, scale)
             seconds = _time_call(c, call, repeats=3 if steps == 1 else 2)
             out["rows"].append({"model": name, "batch": batch, "steps": steps, "latency_s": seconds,
                                 "images_per_s": batch / seconds})
@@ -271,7 +276,7 @@ def run_sections(c: Check, results: dict, out: Path, budget_s: float, start: flo
             t0 = time.perf_counter()
             try:
                 results["sections"][name] = fn()
-            except Exception as err:  # one failing section is recorded; the rest still run
+            except Exception as err:  # noqa: BLE001 - one failing section is recorded; the rest still run
                 results["sections"][name] = {"error": f"{type(err).__name__}: {err}",
                                              "traceback": traceback.format_exc().splitlines()[-12:]}
                 c.free()

@@ -85,20 +85,24 @@ def emd_unet_rows(K: int, gamma_z: float, fake_updates: int, batch: int, guided:
 
 
 # ---------------------------------------------------------------- measuring one subprocess
-def other_processes(own_pid: int) -> list[str]:
-    """The busiest processes outside this benchmark (ps's %CPU is over each process's lifetime)."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,rss,etime,args", "--sort=-pcpu"], capture_output=True,
-                         text=True).stdout.splitlines()
+def other_processes(own_pid: int) -> dict[str, float]:
+    """Processes outside this benchmark that used CPU: command -> %CPU (ps's, over each process's lifetime)."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
     mine = {str(os.getpid()), str(own_pid)}
-    rows = [line for line in out[1:] if line.split()[0] not in mine and line.split()[1] not in mine]
-    return [" ".join(r.split()[2:])[:160] for r in rows[:4]]
+    busy = {}
+    for line in out[1:]:
+        pid, ppid, pcpu, args = line.split(None, 3)
+        if pid not in mine and ppid not in mine and float(pcpu) >= 1.0:
+            busy[args[:160]] = float(pcpu)
+    return busy
 
 
 def run_measured(cmd: list[str], log: Path, env: dict, poll_s: float = 60.0) -> dict:
     """Run `cmd` to its end; its wall time, CPU time, exit code and peak RSS (ru_maxrss, KiB on Linux)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    seen, loads, hwm = [], [], 0
+    seen, loads, hwm, timeline = {}, [], 0, []
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         next_poll = start
@@ -106,10 +110,16 @@ def run_measured(cmd: list[str], log: Path, env: dict, poll_s: float = 60.0) -> 
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            hwm = max(hwm, vm_hwm(proc.pid))
+            rss, peak = vm_rss(proc.pid)
+            hwm = max(hwm, peak)
+            now = time.perf_counter() - start
+            if rss and (not timeline or (abs(rss - timeline[-1][1]) > 0.05 * timeline[-1][1]
+                                         and now - timeline[-1][0] >= 2)):
+                timeline.append((round(now, 1), rss))  # when the memory moves: where a peak falls
             if time.perf_counter() >= next_poll:  # what else shares the cores, now and then
                 loads.append(round(os.getloadavg()[0], 2))
-                seen += [p for p in other_processes(proc.pid) if p not in seen]
+                for command, pcpu in other_processes(proc.pid).items():
+                    seen[command] = max(pcpu, seen.get(command, 0.0))
                 next_poll += poll_s
             time.sleep(0.1)
     proc.returncode = rc = os.waitstatus_to_exitcode(status)
@@ -117,22 +127,25 @@ def run_measured(cmd: list[str], log: Path, env: dict, poll_s: float = 60.0) -> 
         "cmd": shlex.join(cmd), "rc": rc, "wall_s": round(time.perf_counter() - start, 2),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_bytes": usage.ru_maxrss * 1024,
         # the same peak read from /proc while it ran (VmHWM, polled every 0.1 s): a cross-check
-        "vm_hwm_bytes": hwm,
-        "load_avg_1min": loads, "other_processes": seen[:8], "log": str(log),
+        "vm_hwm_bytes": hwm, "rss_timeline": timeline,
+        "load_avg_1min": loads, "other_processes": seen, "log": str(log),
     }
     if rc != 0:
         result["error_tail"] = log.read_text(errors="replace").splitlines()[-15:]
     return result
 
 
-def vm_hwm(pid: int) -> int:
-    """The peak RSS of a running process so far, in bytes (0 once it has exited)."""
+def vm_rss(pid: int) -> tuple[int, int]:
+    """(current RSS, peak RSS so far) of a running process from /proc, in bytes; (0, 0) once it has exited."""
+    values = {}
     try:
         with open(f"/proc/{pid}/status") as f:
-            line = next((line for line in f if line.startswith("VmHWM:")), None)
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    values[line[:5]] = int(line.split()[1]) * 1024
     except OSError:
-        return 0
-    return int(line.split()[1]) * 1024 if line else 0
+        pass
+    return values.get("VmRSS", 0), values.get("VmHWM", 0)
 
 
 # ---------------------------------------------------------------- reading what a run left
@@ -170,8 +183,18 @@ def iteration_records(run_dir: Path) -> list[dict]:
     return records
 
 
-def train_flags(K: int, gamma_z: float, fake_updates: int) -> list[str]:
-    return ["--num-langevin-steps", str(K), "--gamma-z", str(gamma_z), "--fake-updates", str(fake_updates)]
+def distill_args(setting: str, teacher: Path, prompts: Path, run_dir: Path, iterations: int) -> list[str]:
+    """`emd-t2i distill` arguments of one setting; the rest comes from the teacher's preset (sd-1.5 for SD1.5)."""
+    K, gamma_z, fake_updates = SETTINGS[setting]
+    return [
+        "distill", "--teacher", str(teacher), "--prompts", str(prompts), "--output", str(run_dir),
+        "--iterations", str(iterations), "--lr-warmup", "0", "--batch-size", "1", "--gradient-checkpointing",
+        "--device", "cpu", "--mixed-precision", "no", "--no-export",
+        # validate_every 0 still renders one grid after the last iteration (after its log line): 1 prompt
+        "--validate-every", "0", "--num-validation-prompts", "1",
+        "--log-every", "1", "--checkpoint-every", str(iterations), "--keep-checkpoints", "1", "--profile",
+        "--num-langevin-steps", str(K), "--gamma-z", str(gamma_z), "--fake-updates", str(fake_updates),
+    ]
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -180,14 +203,7 @@ def distill_setting(name: str, teacher: Path, prompts: Path, workdir: Path, iter
     K, gamma_z, fake_updates = SETTINGS[name]
     run_dir = workdir / f"run-{name}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume
-    cmd = emd + [
-        "distill", "--teacher", str(teacher), "--prompts", str(prompts), "--output", str(run_dir),
-        "--iterations", str(iterations), "--batch-size", "1", "--gradient-checkpointing", "--device", "cpu",
-        "--mixed-precision", "no", "--no-export",
-        # validate_every 0 still renders one grid after the last iteration (after its log line): 1 prompt
-        "--validate-every", "0", "--num-validation-prompts", "1",
-        "--log-every", "1", "--checkpoint-every", str(iterations), "--keep-checkpoints", "1", "--profile",
-    ] + train_flags(K, gamma_z, fake_updates)
+    cmd = emd + distill_args(name, teacher, prompts, run_dir, iterations)
     result = {"K": K, "gamma_z": gamma_z, "fake_updates": fake_updates, "batch_size": 1,
               "run_dir": str(run_dir), "process": run_measured(cmd, workdir / "logs" / f"distill-{name}.log", env)}
     forward, backward = emd_unet_rows(K, gamma_z, fake_updates, batch=1)
@@ -250,11 +266,11 @@ def gb(n: float | None) -> str:
 
 def markdown(results: dict) -> str:
     lines = [
-        f"Teacher: {results['teacher']['kind']} ({results['teacher']['path']}), float32 copy "
-        f"{gb(results['teacher']['fp32_bytes'])} GB; {results['iterations']} iterations, batch 1, CPU.",
+        (f"Teacher: {results['teacher']['kind']} ({results['teacher']['path']}), float32 copy "
+         f"{gb(results['teacher']['fp32_bytes'])} GB; {results['iterations']} iterations, batch 1, CPU."),
         "",
-        "| setting | s / it (per iteration) | UNet fwd s | UNet bwd s | other s | fwd rows / it | bwd rows / it "
-        "| peak RSS GB | budget GB | peak / budget |",
+        ("| setting | s / it (per iteration) | UNet fwd s | UNet bwd s | other s | fwd rows / it | bwd rows / it "
+         "| peak RSS GB | budget GB | peak / budget |"),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -280,11 +296,11 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {p['wall_s']:.0f} | {gb(p['peak_rss_bytes'])} | {p['rc']} |")
     comparison = results.get("sampling", {}).get("comparison")
     if comparison:
-        lines += ["", f"diffusers vs emd-t2i sample (seed {SEED}): latents max |diff| "
-                      f"{comparison['latent_max_abs_diff']:.2e} (max |latent| {comparison['latent_max_abs']:.2f}), "
-                      f"image max |diff| {comparison['image_max_abs_diff']} levels "
-                      f"({comparison['image_saturated_fraction']:.0%} of pixels saturated): "
-                      f"{'match' if comparison['match'] else 'MISMATCH'}"]
+        lines += ["", (f"diffusers vs emd-t2i sample (seed {SEED}): latents max |diff| "
+                       f"{comparison['latent_max_abs_diff']:.2e} (max |latent| {comparison['latent_max_abs']:.2f}), "
+                       f"image max |diff| {comparison['image_max_abs_diff']} levels "
+                       f"({comparison['image_saturated_fraction']:.0%} of pixels saturated): "
+                       f"{'match' if comparison['match'] else 'MISMATCH'}")]
     return "\n".join(lines)
 
 
@@ -297,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the subprocesses "
                         "[default: torch's own, all cores]")
+    parser.add_argument("--distill-only", action="store_true", help="no export, sampling or comparison")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON to write [default: benchmarks/results/sd15_cpu.json; WORKDIR/sd15_cpu.json "
                              "with --tiny]")
@@ -340,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                     args.iterations, env, emd, fp32_bytes)
         _write(out, results)
     done = [n for n in settings if results["settings"][n]["process"]["rc"] == 0]
-    if done:
+    if done and not args.distill_only:
         run_dir = Path(results["settings"][done[-1]]["run_dir"])
         results["export"] = run_measured(emd + ["export", str(run_dir), "--format", "all"],
                                          workdir / "logs" / "export.log", env)

@@ -84,7 +84,7 @@ class DistillConfig:
     # --- watching and saving
     log_every: int = _opt("iterations between log lines", default=10)
     validate_every: int = _opt("iterations between validation grids (0: only at the end)", default=250)
-    num_validation_prompts: int = _opt("prompts in the validation grid", default=4)
+    num_validation_prompts: int = _opt("prompts in the validation grid (0: no grids at all)", default=4)
     checkpoint_every: int = _opt("iterations between checkpoints", default=250)
     keep_checkpoints: int = _opt("checkpoints kept (older ones are deleted)", default=2)
     report_to: str = _opt("none | tensorboard | wandb (JSONL logs are always written)", default="none")

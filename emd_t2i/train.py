@@ -298,7 +298,7 @@ def _distill(cfg: DistillConfig, accelerator, run_dir: Path, stop_after: int | N
                     if accelerator.is_main_process:
                         append_jsonl(log_path, stats)
                         accelerator.log({k: v for k, v in stats.items() if k != "step"}, step=run.step)
-                if accelerator.is_main_process and (
+                if accelerator.is_main_process and validation_prompts and (
                     (cfg.validate_every and run.step % cfg.validate_every == 0) or run.step == cfg.iterations
                 ):
                     grid = validation_grid(run, cache, validation_prompts, teacher, cfg.seed,

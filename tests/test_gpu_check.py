@@ -120,14 +120,62 @@ def test_peak_bf16_flops_table(bench):
     assert peak("NVIDIA H100 NVL") is None and peak("Tesla T4") is None
 
 
-def test_sd15_configs_have_the_published_parameter_counts(bench):
-    """build_sd15 asserts the counts itself; on the meta device it allocates nothing."""
+@pytest.fixture(scope="module")
+def sd15_parts(bench):
+    """SD1.5's components on the meta device (no memory); build_sd15 asserts the published parameter counts."""
+    return bench["sd_random"].build_sd15(device="meta")
+
+
+@pytest.fixture(scope="module")
+def sd15_config_folder(sd15_parts, tmp_path_factory):
+    """A pipeline folder with SD1.5's JSON configs and no weights: enough for its preset and --dry-run."""
+    folder = tmp_path_factory.mktemp("sd15_configs") / "teacher"
+    for name in ("unet", "vae", "scheduler"):
+        sd15_parts[name].save_config(folder / name)
+    sd15_parts["text_encoder"].config.save_pretrained(folder / "text_encoder")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (folder.parent / "prompts.txt").write_text("a red fox\n")
+    return folder
+
+
+def test_sd15_configs_have_the_published_parameter_counts(bench, sd15_parts):
     sd_random = bench["sd_random"]
-    parts = sd_random.build_sd15(device="meta")
-    assert {k: sd_random.parameter_count(parts[k]) for k in sd_random.SD15_PARAMETERS} == {
+    assert {k: sd_random.parameter_count(sd15_parts[k]) for k in sd_random.SD15_PARAMETERS} == {
         "unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863}
-    assert parts["scheduler"].config.steps_offset == 1 and parts["scheduler"].config.skip_prk_steps
-    assert parts["tokenizer"].model_max_length == 77
+    assert sd15_parts["scheduler"].config.steps_offset == 1 and sd15_parts["scheduler"].config.skip_prk_steps
+    assert sd15_parts["tokenizer"].model_max_length == 77
+
+
+@pytest.mark.parametrize("setting", ["minimal", "defaults"])
+def test_sd15_cpu_flags_are_accepted_over_the_sd15_preset(bench, sd15_config_folder, setting, tmp_path):
+    """The real-size benchmark's `emd-t2i distill` arguments pass the CLI's checks over the sd-1.5 preset."""
+    from typer.testing import CliRunner
+
+    from emd_t2i.cli import app
+
+    sd15_cpu = bench["sd15_cpu"]
+    args = sd15_cpu.distill_args(setting, sd15_config_folder, sd15_config_folder.parent / "prompts.txt",
+                                 tmp_path / "run", 2)
+    result = CliRunner().invoke(app, args + ["--dry-run"])
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.output[: result.output.rindex("}") + 1])
+    K, gamma_z, fake_updates = sd15_cpu.SETTINGS[setting]
+    assert (config["num_langevin_steps"], config["gamma_z"], config["fake_updates"]) == (K, gamma_z, fake_updates)
+    assert config["batch_size"] == 1 and config["profile"] and config["gradient_checkpointing"]
+    assert "preset: sd-1.5" in result.output
+
+
+def test_gpu_check_config_over_the_sd15_preset(bench, sd15_config_folder, tmp_path):
+    gpu_check = bench["gpu_check"]
+    import torch
+
+    check = gpu_check.Check(tiny=False, device="cuda", dtype=torch.bfloat16, workdir=sd15_config_folder.parent,
+                            iterations=3, teacher=sd15_config_folder)
+    for checkpointing in (True, False):
+        cfg = gpu_check._distill_config(check, tmp_path / "run", checkpointing)
+        assert (cfg.batch_size, cfg.num_langevin_steps, cfg.gamma_z, cfg.fake_updates) == (4, 4, 0.03, 5)
+        assert cfg.mixed_precision == "bf16" and cfg.gradient_checkpointing is checkpointing and cfg.profile
+        assert "conv_in" in cfg.target_modules  # the sd-1.5 preset underneath
 
 
 def test_run_measured_reads_the_child_peak_rss(tmp_path):

@@ -292,3 +292,10 @@ def test_a_moved_run_folder_resumes(tiny_teacher_dir, prompt_file, tmp_path):
     steps = [json.loads(line)["step"] for line in (moved / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4], "the moved run started over instead of resuming"
     assert DistillConfig.load(moved / "config.json").output == str(tmp_path / "there")
+
+
+def test_no_validation_prompts_means_no_grids(tiny_teacher_dir, prompt_file, tmp_path):
+    run = distill(tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "run", iterations=2, validate_every=0,
+                              num_validation_prompts=0))
+    assert not list((run / "samples").glob("*.png"))
+    assert ckpt.checkpoint_step(ckpt.latest_checkpoint(run)) == 2  # the last iterations were saved
