@@ -22,9 +22,15 @@ DEFAULT_MAX_ENTRIES = 4096  # SD 1.5 (77 x 768): 0.9 GiB in float32, half that i
 def encode_prompts(
     tokenizer, text_encoder, prompts: Sequence[str], *, device: str | torch.device, batch_size: int = 64
 ) -> Tensor:
-    """The text encoder's last_hidden_state (B, 77, D) as Stable Diffusion conditions its UNet on it."""
+    """The text encoder's last_hidden_state (B, 77, D) as Stable Diffusion conditions its UNet on it; for SDXL
+    (a `DualTextEncoder`) both encoders' states, the pooled embedding and the time ids packed (B, 78, D)."""
+    from .conditioning import DualTextEncoder
+
     chunks = []
     for start in range(0, len(prompts), batch_size):
+        if isinstance(text_encoder, DualTextEncoder):
+            chunks.append(text_encoder.encode(prompts[start : start + batch_size]))
+            continue
         ids = tokenizer(
             list(prompts[start : start + batch_size]),
             padding="max_length",
@@ -104,6 +110,10 @@ class EmbeddingCache:
 
     def null_embedding(self, device: str | torch.device | None = None) -> Tensor:
         """The embedding (1, 77, D) of the empty prompt "", the unconditional branch of guidance."""
+        from .conditioning import DualTextEncoder
+
+        if self._null is None and isinstance(self.text_encoder, DualTextEncoder):
+            self._null = self.text_encoder.null_embedding().cpu()  # SDXL: zeros under force_zeros_for_empty_prompt
         if self._null is None:
             self._null = self._encode([""])
         return self._null.to(device if device is not None else device_of(self.text_encoder))
@@ -119,6 +129,12 @@ def open_embeddings(tokenizer, text_encoder, prompts: Sequence[str], store: str 
     """The embeddings a run reads: the store at `store`, checked against these prompts and this text encoder, or
     without one a cache of at most `max_entries` that encodes on the fly. Either answers `.get(prompts, device,
     indices=None)` and `.null_embedding(device)` in the text encoder's dtype."""
+    from .conditioning import DualTextEncoder
+    from .errors import UserError
+
+    if store is not None and isinstance(text_encoder, DualTextEncoder):
+        raise UserError("--embeddings (a precomputed store) is not supported for SDXL teachers yet: drop it "
+                        "(embeddings are then encoded on the fly and cached, --embedding-cache)")
     if store is None:
         return EmbeddingCache(tokenizer, text_encoder, batch_size=batch_size, max_entries=max_entries)
     from .embedding_store import EmbeddingStore
@@ -133,9 +149,13 @@ def load_text_encoder(spec: str, *, device: str | torch.device = "cpu", dtype: t
     """(tokenizer, text encoder, resolved source) of a teacher, without its UNet or VAE."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .teachers import _load, resolve_teacher
+    from .errors import UserError
+    from .teachers import SDXL_PIPELINE, _load, _read_json, resolve_teacher
 
     source = resolve_teacher(spec)
+    if _read_json(source, "model_index.json").get("_class_name") == SDXL_PIPELINE:
+        raise UserError(f"teacher {spec} is SDXL: a precomputed embedding store is SD 1.x/2.x only; distill without "
+                        "--embeddings (SDXL embeddings are encoded on the fly and cached)")
     tokenizer = _load(source, "tokenizer", CLIPTokenizer.from_pretrained)
     text_encoder = _load(source, "text_encoder", CLIPTextModel.from_pretrained, dtype=dtype)
     return tokenizer, text_encoder.to(device).requires_grad_(False).eval(), source

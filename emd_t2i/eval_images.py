@@ -18,7 +18,15 @@ from .errors import UserError
 from .files import save_image_atomic
 from .images import decode_latents, to_pil
 from .roles import Roles
-from .sample import _as_pipeline, initial_noise, load_facts, one_step_timestep, pipeline_dir, resolve_model
+from .sample import (
+    as_pipeline,
+    initial_noise,
+    load_facts,
+    one_step_timestep,
+    pipeline_dir,
+    prompt_conditioning,
+    resolve_model,
+)
 from .teachers import load_teacher
 
 IMAGES_DIR = "images"
@@ -46,7 +54,6 @@ class OneStep:
     def __init__(self, root: Path, device, dtype: torch.dtype):
         self.model = load_teacher(str(pipeline_dir(root)), dtype=dtype, device=device)
         t_star = one_step_timestep(self.model.scheduler, root)
-        self.pipe = _as_pipeline(self.model)
         self.roles = Roles(self.model.unet, self.model.alphas_cumprod, self.model.prediction_type, t_star)
         self.device = torch.device(device)
         self.root, self.facts = root, load_facts(root) or {}
@@ -57,7 +64,7 @@ class OneStep:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-        cond, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
+        cond = prompt_conditioning(self.model, prompts, 1, self.device)
         m = self.model
         z = per_image_noise(seeds, (m.latent_channels, m.latent_size, m.latent_size), self.device, cond.dtype)
         return to_pil(decode_latents(m.vae, self.roles.generator(z, cond), m.scaling_factor))
@@ -78,7 +85,7 @@ class TeacherSampler:
         sched = self.model.scheduler
         if scheduler == "ddim":  # clip_sample=False: StableDiffusionPipeline forces it for DDIM anyway
             sched = DDIMScheduler.from_config(sched.config, clip_sample=False)
-        self.pipe = _as_pipeline(self.model, sched)
+        self.pipe = as_pipeline(self.model, sched)
         self.steps, self.guidance, self.device = steps, guidance, torch.device(device)
         self.info = {"kind": "teacher", "model": self.model.source, "steps": steps, "guidance": guidance,
                      "scheduler": type(sched).__name__, "resolution": self.model.resolution,

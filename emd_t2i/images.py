@@ -10,6 +10,8 @@ from torch import Tensor
 @torch.no_grad()
 def decode_latents(vae, latents: Tensor, scaling_factor: float) -> Tensor:
     """VAE-decode (latents in the diffusion model's units) to images in [-1, 1], float32 on the CPU."""
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (its config's force_upcast): decode in float32
     images = vae.decode(latents.to(vae.dtype) / scaling_factor).sample
     return images.float().clamp(-1, 1).cpu()
 

@@ -13,6 +13,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor
 
+from .conditioning import pooled_dim, unpack, uses_time_ids
 from .emd import generator_x0, guided_eps
 from .profiling import UNetClock
 from .schedule import alpha_sigma, eps_from_v
@@ -42,9 +43,16 @@ class EpsModel:
         self.alphas_cumprod = alphas_cumprod
         self.prediction_type = prediction_type
         self.dtype = unet.dtype  # of the frozen base; read once (diffusers walks every parameter to find it)
+        self.pooled_dim = pooled_dim(unet) if uses_time_ids(unet) else None  # SDXL: cond is packed (conditioning.py)
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample.float()
+        cond = cond.to(self.dtype)
+        if self.pooled_dim is None:
+            out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond)
+        else:  # SDXL: the pooled text embeds and time ids travel in the packed row, in every role
+            hidden, added = unpack(cond, self.pooled_dim)
+            out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=hidden, added_cond_kwargs=added)
+        out = out.sample.float()
         if self.prediction_type == "v_prediction":
             alpha_t, sigma_t = alpha_sigma(self.alphas_cumprod, t, like=out)
             out = eps_from_v(x_t.float(), out, alpha_t, sigma_t)

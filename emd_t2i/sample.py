@@ -105,10 +105,18 @@ def one_step_timestep(scheduler, folder: Path) -> int:
     return int(scheduler.timesteps[0])
 
 
-def _as_pipeline(model, scheduler=None):
-    """A StableDiffusionPipeline over already loaded components (no copies, no safety checker)."""
-    from diffusers import StableDiffusionPipeline
+def as_pipeline(model, scheduler=None):
+    """A StableDiffusion(XL)Pipeline over already loaded components (no copies, no safety checker)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if model.is_sdxl:
+        pipe = StableDiffusionXLPipeline(
+            vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2,
+            tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, unet=model.unet,
+            scheduler=scheduler or model.scheduler, force_zeros_for_empty_prompt=model.force_zeros_for_empty_prompt,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     pipe = StableDiffusionPipeline(
         vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
         scheduler=scheduler or model.scheduler, safety_checker=None, feature_extractor=None,
@@ -116,6 +124,14 @@ def _as_pipeline(model, scheduler=None):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def prompt_conditioning(model, prompts: list[str], num_images: int, device):
+    """The UNet's conditioning per image (prompt-major), as the pipeline computes it: for SDXL the packed
+    embeddings, pooled embedding and time ids (conditioning.py) of StableDiffusionXLPipeline.encode_prompt."""
+    if not model.is_sdxl:
+        return as_pipeline(model).encode_prompt(prompts, device, num_images, False)[0]
+    return model.conditioning_encoder().encode(prompts).repeat_interleave(num_images, dim=0)
 
 
 def _check_arguments(prompts: list[str], num_images: int, teacher_steps: int, batch_size: int) -> None:
@@ -144,7 +160,7 @@ def sample(
 ) -> Samples:
     """One-step images: one UNet call per image through (G1) `Roles.generator`, then the VAE.
 
-    Image i equals `StableDiffusionPipeline.from_pretrained(<model>/pipeline)(prompts, num_inference_steps=1,
+    Image i equals `StableDiffusion(XL)Pipeline.from_pretrained(<model>/pipeline)(prompts, num_inference_steps=1,
     guidance_scale=0, num_images_per_prompt=num_images, generator=torch.Generator("cpu").manual_seed(seed))
     .images[i]`. `teacher_steps=N` also renders the teacher's N-step DDIM image from the same z, with
     classifier-free guidance `guidance_scale` (default: the one the generator was distilled with).
@@ -158,7 +174,9 @@ def sample(
     root = resolve_model(model)
     student = load_teacher(str(pipeline_dir(root)), dtype=dtype, device=device)
     t_star = one_step_timestep(student.scheduler, root)
-    cond, _ = _as_pipeline(student).encode_prompt(prompts, device, num_images, False)
+    if student.is_sdxl and student.vae.dtype == torch.float16 and student.vae.config.get("force_upcast"):
+        student.vae.to(torch.float32)  # SDXL's VAE overflows in fp16: decode in float32, as its pipeline does
+    cond = prompt_conditioning(student, prompts, num_images, device)
     z = initial_noise((len(cond), student.latent_channels, student.latent_size, student.latent_size),
                       seed, device, cond.dtype)
     roles = Roles(student.unet, student.alphas_cumprod, student.prediction_type, t_star)
@@ -186,7 +204,7 @@ def _teacher_images(root: Path, prompts: list[str], z: Tensor, steps: int, guida
                         "`emd-t2i export` to render teacher images")
     teacher = load_teacher(facts["teacher_source"], dtype=dtype, device=device)
     # clip_sample=False: StableDiffusionPipeline forces it for DDIM anyway (SD's configs leave it unset)
-    pipe = _as_pipeline(teacher, DDIMScheduler.from_config(teacher.scheduler.config, clip_sample=False))
+    pipe = as_pipeline(teacher, DDIMScheduler.from_config(teacher.scheduler.config, clip_sample=False))
     scale = facts["guidance_scale"] if guidance_scale is None else guidance_scale
     images = []
     for start in range(0, len(prompts), batch_size):

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from .errors import UserError
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TOY_TEACHER_DIR = Path(__file__).resolve().parent / "toy" / "teacher"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -56,6 +57,15 @@ TEACHERS: dict[str, TeacherEntry] = {
             "Stable Diffusion 2.1 at 768 px, v-prediction (OpenCLIP ViT-H/14 text encoder)",
             768,
             "v_prediction",
+            "CreativeML Open RAIL++-M: use restrictions carry to the student",
+        ),
+        TeacherEntry(
+            "sdxl",
+            "stabilityai/stable-diffusion-xl-base-1.0",
+            "Stable Diffusion XL base 1.0 at 1024 px (CLIP ViT-L + OpenCLIP ViT-bigG text encoders); its VAE "
+            "overflows in fp16: decoding runs it in float32 (or use madebyollin/sdxl-vae-fp16-fix)",
+            1024,
+            "epsilon",
             "CreativeML Open RAIL++-M: use restrictions carry to the student",
         ),
         TeacherEntry(
@@ -152,12 +162,19 @@ def _read_json(source: str, filename: str) -> dict:
         raise _not_available(source, filename, err) from err
 
 
-def _check_supported(source: str, model_index: dict, unet_config: dict, text_config: dict) -> None:
+def _check_supported(source: str, model_index: dict, unet_config: dict, text_config: dict,
+                     text_config_2: dict | None = None) -> None:
     kind = model_index.get("_class_name")
     if kind not in SUPPORTED_PIPELINES:
         raise UserError(
-            f"teacher {source} is a {kind}, which is not supported: use a Stable Diffusion 1.x/2.x "
+            f"teacher {source} is a {kind}, which is not supported: use a Stable Diffusion 1.x/2.x/XL "
             f"pipeline ({', '.join(SUPPORTED_PIPELINES)}), e.g. one of {_registry_names()}"
+        )
+    sdxl_unet = unet_config.get("addition_embed_type") == "text_time"
+    if (kind == SDXL_PIPELINE) != sdxl_unet or (kind == SDXL_PIPELINE and not (model_index.get("text_encoder") or [None])[0]):
+        raise UserError(
+            f"teacher {source}: only the full SDXL base pipeline (two text encoders, a UNet conditioned on pooled "
+            "text embeds and time ids) is supported, not a refiner or a UNet of another kind"
         )
     cross = unet_config.get("cross_attention_dim")
     if unet_config.get("_class_name") != "UNet2DConditionModel" or not isinstance(cross, int):
@@ -166,6 +183,10 @@ def _check_supported(source: str, model_index: dict, unet_config: dict, text_con
             "UNet2DConditionModel teachers (SD 1.x/2.x) are supported"
         )
     hidden = text_config.get("hidden_size")
+    if text_config_2 is not None:
+        hidden += text_config_2.get("hidden_size", 0)
+    elif sdxl_unet:
+        return  # SDXL: checked again with text_encoder_2's config
     if hidden != cross:
         raise UserError(
             f"teacher {source}: the text encoder's hidden size {hidden} does not match the UNet's "
@@ -192,6 +213,23 @@ class Teacher:
     scheduler: object
     alphas_cumprod: Tensor
     prediction_type: str
+    tokenizer_2: object = None  # SDXL's second tokenizer and text encoder (None for SD 1.x / 2.x)
+    text_encoder_2: torch.nn.Module | None = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL's null prompt: zero embeddings (model_index.json)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    def conditioning_encoder(self) -> torch.nn.Module:
+        """What turns prompts into the UNet's conditioning (embeddings.encode_prompts): the text encoder, or for
+        SDXL both encoders with the pooled embedding and time ids (conditioning.DualTextEncoder)."""
+        if not self.is_sdxl:
+            return self.text_encoder
+        from .conditioning import DualTextEncoder
+
+        return DualTextEncoder(self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2,
+                               self.resolution, self.force_zeros_for_empty_prompt)
 
     @property
     def latent_channels(self) -> int:
@@ -262,13 +300,17 @@ def load_teacher(
 ) -> Teacher:
     """Load a frozen teacher, component by component (never the safety checker)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     source = resolve_teacher(spec)
     model_index = _read_json(source, "model_index.json")
     unet_config = _read_json(source, "unet/config.json")
     text_config = _read_json(source, "text_encoder/config.json")
     _check_supported(source, model_index, unet_config, text_config)
+    sdxl = model_index.get("_class_name") == SDXL_PIPELINE
+    if sdxl:  # the text widths again, with the second encoder's
+        _check_supported(source, model_index, unet_config, text_config,
+                         _read_json(source, "text_encoder_2/config.json"))
     scheduler_config = _read_json(source, "scheduler/scheduler_config.json")
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
@@ -281,6 +323,12 @@ def load_teacher(
     text_encoder = _load(source, "text_encoder", CLIPTextModel.from_pretrained, dtype=dtype)
     unet = _load(source, "unet", UNet2DConditionModel.from_pretrained, torch_dtype=dtype)
     vae = _load(source, "vae", AutoencoderKL.from_pretrained, torch_dtype=dtype) if load_vae else None
+    extra = {}
+    if sdxl:
+        text_encoder_2 = _load(source, "text_encoder_2", CLIPTextModelWithProjection.from_pretrained, dtype=dtype)
+        extra = {"tokenizer_2": _load(source, "tokenizer_2", CLIPTokenizer.from_pretrained),
+                 "text_encoder_2": _freeze(text_encoder_2, device),
+                 "force_zeros_for_empty_prompt": bool(model_index.get("force_zeros_for_empty_prompt", True))}
     return Teacher(
         name=spec,
         source=source,
@@ -292,6 +340,7 @@ def load_teacher(
         scheduler=_load_scheduler(source, scheduler_config),
         alphas_cumprod=alphas_cumprod_from_config(scheduler_config),
         prediction_type=prediction_type,
+        **extra,
     )
 
 

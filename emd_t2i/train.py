@@ -245,7 +245,7 @@ def _distill(cfg: DistillConfig, accelerator, run_dir: Path, stop_after: int | N
     # Prompts are read lazily (8 bytes each in RAM); embeddings come from a precomputed store or a bounded cache.
     prompts = open_prompts(cfg.prompts, column=cfg.prompt_column) if cfg.prompts else default_prompts(cfg)
     truncate_report(teacher.tokenizer, prompts)
-    cache = open_embeddings(teacher.tokenizer, teacher.text_encoder, prompts, cfg.embeddings,
+    cache = open_embeddings(teacher.tokenizer, teacher.conditioning_encoder(), prompts, cfg.embeddings,
                             max_entries=cfg.embedding_cache)
     validation_prompts = distinct_spread(prompts, cfg.num_validation_prompts)
 

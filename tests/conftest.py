@@ -44,3 +44,11 @@ def prompt_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     path.write_text("\n".join(TRAIN_PROMPTS) + "\n\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_teacher_dir(tmp_path_factory):
+    """A tiny SDXL-shaped pipeline folder (two text encoders, pooled embeds and time ids; see tests/tiny.py)."""
+    from tiny import make_tiny_sdxl_pipeline
+
+    return make_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl") / "teacher")

@@ -44,6 +44,11 @@ def test_sd_presets_hold_the_issue_values():
     assert {"conv_in", "conv_out", "linear_1"} <= set(sd15.target_modules)
     assert PRESETS["sd-2.1-base"] == PRESETS["sd-1.5"]  # same latents, schedule and eps-prediction
     assert build_config(teacher="toy").mixed_precision == "no"  # the sweep's recorded runs were fp32
+    sd21 = build_config(teacher="sd-2.1")  # 768 px: SD 2.1 base's values at half the batch
+    assert {**PRESETS["sd-2.1"], "batch_size": 4} == PRESETS["sd-2.1-base"] and sd21.batch_size == 2
+    sdxl = build_config(teacher="sdxl")  # DMD2's one-step SDXL: conditioning timestep 399, guidance 8
+    assert (sdxl.t_star, sdxl.guidance_scale, sdxl.batch_size, sdxl.mixed_precision) == (399, 8.0, 2, "auto")
+    assert sdxl.gradient_checkpointing
 
 
 def test_g1_amplification_quoted_for_t_star_is_that_of_sds_schedule():
@@ -57,7 +62,8 @@ def test_g1_amplification_quoted_for_t_star_is_that_of_sds_schedule():
 @pytest.mark.parametrize(
     "config, expected",
     [({}, "sd-1.5"), ({"cross_attention_dim": 1024}, "sd-2.1-base"),
-     ({"cross_attention_dim": 1024, "sample_size": 96, "prediction_type": "v_prediction"}, None),  # SD 2.1 at 768
+     ({"cross_attention_dim": 1024, "sample_size": 96, "prediction_type": "v_prediction"}, "sd-2.1"),  # 768 px
+     ({"cross_attention_dim": 2048, "block_out_channels": [320, 640, 1280], "sample_size": 128}, "sdxl"),
      ({"prediction_type": "v_prediction"}, None), ({"in_channels": 9}, None),  # inpainting
      ({"block_out_channels": [32, 64]}, None), ({"cross_attention_dim": 2048}, None)],
 )
@@ -78,7 +84,7 @@ def test_names_hub_ids_and_folders_map_to_presets(tmp_path):
     assert preset_name("sd-1.5") == "sd-1.5" and preset_name("toy") == "toy"
     assert preset_name(TEACHERS["sd-1.5"].id) == "sd-1.5"
     assert preset_name(TEACHERS["sd-2.1-base"].id) == "sd-2.1-base"
-    assert preset_name("sd-2.1") is None and preset_name(TEACHERS["sd-2.1"].id) is None  # 768 px v-prediction
+    assert preset_name(TEACHERS["sd-2.1"].id) == "sd-2.1" and preset_name(TEACHERS["sdxl"].id) == "sdxl"
     assert preset_name("someone/some-model") is None
     assert preset_name(str(TOY_TEACHER_DIR)) == "toy"
     assert preset_name(str(write_folder(tmp_path / "sd15"))) == "sd-1.5"
@@ -95,9 +101,9 @@ def test_distill_help_shows_the_defaults_each_preset_uses():
     result = CliRunner().invoke(app, ["distill", "--help"])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.replace("│", " ").split())  # undo rich's boxes and wrapping
-    assert "[default: 999; presets: toy 800, sd-1.5 800, sd-2.1-base 800]" in text
-    assert "[default: 0; presets: sd-1.5 500, sd-2.1-base 500]" in text  # --lr-warmup
-    assert "[default: auto; presets: toy no, sd-1.5 auto, sd-2.1-base auto]" in text
+    assert "[default: 999; presets: toy 800, sd-1.5 800, sd-2.1-base 800, sd-2.1 800, sdxl 399]" in text
+    assert "[default: 0; presets: sd-1.5 500, sd-2.1-base 500, sd-2.1 500, sdxl 500]" in text  # --lr-warmup
+    assert "[default: auto; presets: toy no, sd-1.5 auto, sd-2.1-base auto, sd-2.1 auto, sdxl auto]" in text
     assert "[default: 20]" in text  # --t-min: no preset sets it
 
 

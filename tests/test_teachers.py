@@ -103,7 +103,7 @@ def test_teacher_table_lists_registry():
 
 
 def test_unknown_name_lists_registry():
-    with pytest.raises(UserError, match="unknown teacher 'sd-9'.*sd-1.5, sd-2.1-base, sd-2.1, toy"):
+    with pytest.raises(UserError, match="unknown teacher 'sd-9'.*sd-1.5, sd-2.1-base, sd-2.1, sdxl, toy"):
         resolve_teacher("sd-9")
 
 
@@ -134,16 +134,28 @@ def test_hub_id_offline_not_cached(monkeypatch):
         load_teacher("emd-t2i-tests/not-a-real-model")
 
 
-def test_sdxl_is_not_supported(tiny_teacher_dir, tmp_path):
+def test_other_pipelines_are_not_supported(tiny_teacher_dir, tmp_path):
+    folder = _edited_copy(
+        tiny_teacher_dir,
+        tmp_path / "sd3",
+        "model_index.json",
+        lambda d: {**d, "_class_name": "StableDiffusion3Pipeline"},
+    )
+    with pytest.raises(
+        UserError, match="StableDiffusion3Pipeline, which is not supported.*StableDiffusionPipeline"
+    ):
+        load_teacher(str(folder))
+
+
+def test_sdxl_label_on_an_sd_unet_is_refused(tiny_teacher_dir, tmp_path):
+    """An SDXL pipeline needs a UNet conditioned on pooled embeds and time ids (not a refiner, not SD's)."""
     folder = _edited_copy(
         tiny_teacher_dir,
         tmp_path / "xl",
         "model_index.json",
         lambda d: {**d, "_class_name": "StableDiffusionXLPipeline"},
     )
-    with pytest.raises(
-        UserError, match="StableDiffusionXLPipeline, which is not supported.*StableDiffusionPipeline"
-    ):
+    with pytest.raises(UserError, match="only the full SDXL base pipeline"):
         load_teacher(str(folder))
 
 

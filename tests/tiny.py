@@ -94,3 +94,59 @@ def make_tiny_pipeline(path: str | Path, *, prediction_type: str = "epsilon", se
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tiny SDXL-shaped pipeline: two text encoders (hidden 32 each, concatenated 64 = cross_attention_dim), the
+# second with a 32-wide projection (the pooled embedding), a UNet conditioned on pooled embeds and time ids
+# (diffusers' own tiny SDXL test config).
+# ---------------------------------------------------------------------------------------------------------
+TINY_SDXL_POOLED = 32
+TINY_SDXL_TIME_EMBED = 8
+
+
+def tiny_sdxl_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=TINY_LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TINY_SDXL_TIME_EMBED,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * TINY_SDXL_TIME_EMBED + TINY_SDXL_POOLED,
+        cross_attention_dim=2 * TINY_HIDDEN,
+        norm_num_groups=8,
+    )
+
+
+def make_tiny_sdxl_pipeline(path: str | Path, *, seed: int = 0, force_zeros_for_empty_prompt: bool = True) -> Path:
+    """Build a seeded tiny SDXL pipeline (StableDiffusionXLPipeline folder) at `path`; returns the folder."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    unet = tiny_sdxl_unet()
+    torch.manual_seed(seed + 1)
+    vae = tiny_vae()
+    torch.manual_seed(seed + 2)
+    text_encoder = tiny_text_encoder()
+    torch.manual_seed(seed + 3)
+    config = tiny_text_encoder().config
+    config.projection_dim = TINY_SDXL_POOLED
+    text_encoder_2 = CLIPTextModelWithProjection(config).eval()
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler,
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
