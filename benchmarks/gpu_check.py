@@ -1,4 +1,5 @@
-"""One-shot GPU check of EMD at SD1.5 size: training memory and speed, MFU, one-step vs 25-step sampling.
+"""One-shot GPU check of EMD at SD1.5 size: training memory and speed, MFU, one-step vs 25-step sampling; then
+SDXL's training memory at 1024 px (batch 2, checkpointing).
 
 On a random-weight SD1.5 (benchmarks/sd_random.py, built on the GPU, bf16) at 512 px: `emd_t2i.train.distill`
 at batch 4, K = 4, gamma_z = 0.03, 5 fake updates, bf16 (the sd-1.5 preset for the rest), gradient checkpointing
@@ -48,7 +49,8 @@ PROMPTS = [
 ]
 # Rough seconds each section takes on one H100 / H200 (what --budget-s holds back for it)
 ESTIMATE_S = {"build": 40, "flops": 15, "train_checkpointing_on": 60, "train_checkpointing_off": 60,
-              "export": 90, "sampling": 90}
+              "export": 90, "sampling": 90, "sdxl_train": 180}
+GOAL_SDXL_PEAK_GIB = 80.0  # issue 18: SDXL at 1024 px, batch 2, checkpointing, on one 80 GB GPU
 
 
 def peak_bf16_flops(device_name: str) -> float | None:
@@ -256,6 +258,54 @@ def section_sampling(c: Check) -> dict:
     return out
 
 
+def section_sdxl_train(c: Check) -> dict:
+    """SDXL at 1024 px (the real UNet config with random weights; benchmarks/sdxl_cpu.py's builder gives it small
+    text encoders and VAE, which training barely uses): batch 2, checkpointing, bf16, t* 399, guidance 8 (the sdxl
+    preset's), K = 4, gamma_z = 0.03, 5 fake updates; peak CUDA memory against one 80 GB GPU."""
+    import shutil
+    import subprocess
+
+    from sdxl_cpu import BUILD_SCRIPT
+
+    from emd_t2i.config import build_config
+    from emd_t2i.train import distill
+
+    teacher = c.workdir / "sdxl-teacher"
+    start = time.perf_counter()
+    if not (teacher / "model_index.json").is_file():
+        subprocess.run([sys.executable, "-c", BUILD_SCRIPT, str(teacher), "tiny" if c.tiny else "full",
+                        str(ROOT / "tests"), str(ROOT / "benchmarks")], check=True, capture_output=True)
+    build_s = time.perf_counter() - start
+    run_dir = c.workdir / "run-sdxl"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = build_config(
+        teacher=str(teacher), prompts=str(c.workdir / "prompts.txt"), output=str(run_dir), iterations=c.iterations,
+        lr_warmup=0, batch_size=2, num_langevin_steps=K, gamma_z=GAMMA_Z, fake_updates=FAKE_UPDATES, t_star=399,
+        guidance_scale=8.0, gradient_checkpointing=True, mixed_precision="bf16" if c.cuda else "no",
+        device=c.device, profile=True, log_every=1, validate_every=0, num_validation_prompts=0,
+        checkpoint_every=c.iterations, keep_checkpoints=1,
+    )
+    c.free()
+    if c.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    distill(cfg)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if c.cuda else None
+    c.free()
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    measured = [r for r in records if r["step"] > 1] or records
+    s_per_it = statistics.mean(1 / r["it_per_s"] for r in measured)
+    out = {"build_s": round(build_s, 1), "batch_size": 2, "resolution": 8 * json.loads(
+               (teacher / "unet" / "config.json").read_text())["sample_size"],
+           "gradient_checkpointing": True, "s_per_it": s_per_it,
+           "unet_rows_per_it": statistics.mean(r["unet_rows_per_it"] for r in measured),
+           "peak_mem_gib": peak, "log": measured}
+    if peak is not None:
+        out["goal"] = f"peak memory <= {GOAL_SDXL_PEAK_GIB:g} GiB (one 80 GB GPU) at batch 2 with checkpointing"
+        out["goal_met"] = peak <= GOAL_SDXL_PEAK_GIB
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return out
+
+
 # ---------------------------------------------------------------- running the sections
 def run_sections(c: Check, results: dict, out: Path, budget_s: float, start: float) -> None:
     sections = [
@@ -265,12 +315,13 @@ def run_sections(c: Check, results: dict, out: Path, budget_s: float, start: flo
         ("train_checkpointing_off", lambda: section_train(c, False)),
         ("export", lambda: section_export(c)),
         ("sampling", lambda: section_sampling(c)),
+        ("sdxl_train", lambda: section_sdxl_train(c)),
     ]
     for name, fn in sections:
         elapsed = time.perf_counter() - start
         if elapsed + (0 if c.tiny else ESTIMATE_S[name]) > budget_s:
             results["sections"][name] = {"skipped": f"budget: {elapsed:.0f} s of {budget_s:.0f} s used"}
-        elif name != "build" and c.teacher is None:
+        elif name not in ("build", "sdxl_train") and c.teacher is None:
             results["sections"][name] = {"skipped": "no teacher folder (build failed)"}
         else:
             t0 = time.perf_counter()

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SECTIONS = ("build", "flops", "train_checkpointing_on", "train_checkpointing_off", "export", "sampling")
+SECTIONS = ("build", "flops", "train_checkpointing_on", "train_checkpointing_off", "export", "sampling",
+            "sdxl_train")
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,8 @@ def test_tiny_check_fills_every_section(tiny_check, bench):
         assert train["peak_mem_gib"] is None and train["mfu"] is None  # CPU: no CUDA memory, no peak FLOP/s
         assert train["config"]["mixed_precision"] == "no" and train["config"]["profile"] is True
 
+    sdxl = sections["sdxl_train"]
+    assert sdxl["unet_rows_per_it"] == gpu_check.emd_unet_rows(4, 0.03, 5, 2, True)[0] and positive(sdxl["s_per_it"])
     sampling = sections["sampling"]
     assert sampling["one_step_model"].startswith("export")
     assert {(r["model"], r["batch"]) for r in sampling["rows"]} == {
@@ -102,7 +105,8 @@ def test_failed_section_is_recorded_and_the_rest_reported(bench, tmp_path, monke
     gpu_check.main(["--tiny", "--out", str(out), "--workdir", str(tmp_path / "work")])
     sections = json.loads(out.read_text())["sections"]
     assert sections["build"]["error"] == "RuntimeError: no disk" and sections["build"]["traceback"]
-    assert all("skipped" in sections[name] for name in SECTIONS[1:])
+    assert all("skipped" in sections[name] for name in SECTIONS[1:-1])
+    assert "error" not in sections["sdxl_train"]  # SDXL builds its own teacher
 
 
 def test_budget_stops_new_sections(bench, tmp_path):
