@@ -106,10 +106,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="the tiny SDXL of tests/tiny.py (seconds)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/emd_sdxl"))
     parser.add_argument("--output", type=Path, default=None, help="JSON results [default: results/sdxl_cpu.json]")
+    parser.add_argument("--precision", choices=("no", "bf16"), default="no",
+                        help="--mixed-precision of the run: bf16 holds the frozen UNet in half the bytes")
     args = parser.parse_args(argv)
     work, env = args.workdir, {**os.environ, "HF_HUB_OFFLINE": "1"}
     teacher = work / "teacher"
-    results: dict = {"tiny": args.tiny}
+    results: dict = {"tiny": args.tiny, "precision": args.precision}
     if not (teacher / "model_index.json").is_file():
         build = [sys.executable, "-c", BUILD_SCRIPT, str(teacher), "tiny" if args.tiny else "full",
                  str(ROOT / "tests"), str(ROOT / "benchmarks")]
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     emd = str(Path(sys.executable).with_name("emd-t2i"))
     flags = ["--iterations", "1", "--lr-warmup", "0", "--batch-size", "1", "--num-langevin-steps", "1", "--gamma-z", "0",
              "--fake-updates", "1", "--guidance-scale", "8", "--t-star", "399", "--gradient-checkpointing",
-             "--mixed-precision", "no", "--validate-every", "0", "--log-every", "1", "--checkpoint-every", "1",
+             "--mixed-precision", args.precision, "--validate-every", "0", "--log-every", "1", "--checkpoint-every", "1",
              "--device", "cpu", "--no-export", "--overwrite"]
     run = work / "run"
     results["distill"] = run_measured([emd, "distill", "--teacher", str(teacher), "--prompts", str(prompts),
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     log = run / "log.jsonl"
     if log.is_file():
         results["iteration"] = json.loads(log.read_text().splitlines()[-1])
-    out = args.output or RESULTS / ("sdxl_cpu_tiny.json" if args.tiny else "sdxl_cpu.json")
+    out = args.output or RESULTS / f"sdxl_cpu{'_tiny' if args.tiny else ''}{'_bf16' if args.precision == 'bf16' else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     gib = 2**30

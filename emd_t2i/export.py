@@ -182,6 +182,14 @@ def run_facts(cfg: DistillConfig, teacher_source: str, step: int, prediction_typ
     return facts
 
 
+def _trained_precision(weights: Path) -> str | None:
+    """What --mixed-precision resolved to in training (the checkpoint's metadata; "auto" says nothing)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return (f.metadata() or {}).get("mixed_precision")
+
+
 def _teacher_source(source: str) -> str:
     """A hub id as is; a local folder as an absolute path, so the export works from any directory."""
     return str(Path(source).resolve()) if Path(source).is_dir() else source
@@ -269,6 +277,7 @@ def export_run(
     _attach_generator(teacher.unet, state, config, run_dir, cfg.teacher)
     facts = run_facts(cfg, _teacher_source(teacher.source), checkpoint_step(ckpt), teacher.prediction_type)
     facts["generator_weights"] = "ema" if weights.stem == GENERATOR_EMA else "raw"
+    facts["mixed_precision"] = _trained_precision(weights) or cfg.mixed_precision
     pipeline_class = "StableDiffusionXLPipeline" if teacher.is_sdxl else "StableDiffusionPipeline"
     facts["pipeline_class"] = pipeline_class
     scheduler = one_step_scheduler(dict(teacher.scheduler.config), cfg.t_star, teacher.prediction_type)

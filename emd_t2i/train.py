@@ -147,7 +147,8 @@ def save(run: Run, run_dir: Path, cfg: DistillConfig, accelerator, precision: st
         with run.exported_weights():
             adapters[ckpt.GENERATOR_EMA] = adapter_state_dict(unet, GENERATOR)
     return ckpt.save_checkpoint(run_dir, run.step, adapters, state, keep=cfg.keep_checkpoints,
-                                metadata={"step": str(run.step), "teacher": cfg.teacher})
+                                metadata={"step": str(run.step), "teacher": cfg.teacher,
+                                          "mixed_precision": precision})
 
 
 def resume(run: Run, run_dir: Path, accelerator) -> None:

@@ -299,3 +299,12 @@ def test_no_validation_prompts_means_no_grids(tiny_teacher_dir, prompt_file, tmp
                               num_validation_prompts=0))
     assert not list((run / "samples").glob("*.png"))
     assert ckpt.checkpoint_step(ckpt.latest_checkpoint(run)) == 2  # the last iterations were saved
+
+
+def test_the_export_names_the_precision_the_run_trained_in(tiny_teacher_dir, prompt_file, tmp_path):
+    from emd_t2i.model_card import FACTS_FILE
+
+    run = distill(tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "run", iterations=1, validate_every=0,
+                              mixed_precision="auto"))
+    facts = json.loads((export_run(run, formats=("lora",)) / FACTS_FILE).read_text())
+    assert facts["mixed_precision"] == "no"  # what "auto" was on this CPU, not "auto"
