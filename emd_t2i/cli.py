@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import sys
 from pathlib import Path
@@ -11,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from .cli_common import _literal, fail, user_errors
+from .cli_data import coco_app, prompts_app
 from .config import EVAL_PROMPTS, PRESETS, DistillConfig, build_config, resolve_mixed_precision
 from .errors import UserError
 from .presets import preset_name
@@ -23,27 +24,8 @@ app = typer.Typer(
 )
 toy_app = typer.Typer(help="The embedded toy teacher: train it, inspect its domain.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
-coco_app = typer.Typer(help="The COCO-2014 protocol's inputs: the caption list and the FID reference statistics.",
-                       no_args_is_help=True)
+app.add_typer(prompts_app, name="prompts")
 app.add_typer(coco_app, name="coco")
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
-def user_errors(fn):
-    """A user's mistake ends in one line on stderr and exit code 2, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as err:
-            raise fail(str(err)) from None
-
-    return wrapper
 
 
 # ---------------------------------------------------------------- distill
@@ -73,15 +55,6 @@ def _shown(value, default) -> str:
     if value != default and value[: len(default)] == default:
         return "+" + "+".join(value[len(default):])
     return ",".join(value)
-
-
-def _literal(text: str) -> str:
-    """Help printed as written: typer's rich markup (its default when rich is installed) eats "[default: ...]"."""
-    if typer.core.DEFAULT_MARKUP_MODE != "rich":
-        return text
-    from rich.markup import escape
-
-    return escape(text)
 
 
 RUN, EMD, OPTIM, WATCH = "Run", "EMD (docs/ALGORITHM.md)", "Optimisation", "Watching and saving"
@@ -232,71 +205,6 @@ def toy_train_teacher(
 
 
 # ---------------------------------------------------------------- prompts
-prompts_app = typer.Typer(help="Prompt sources and their text embeddings: encode once, reuse across runs and ranks.",
-                          no_args_is_help=True)
-app.add_typer(prompts_app, name="prompts")
-
-
-@prompts_app.command("encode", epilog="Example: emd-t2i prompts encode --teacher sd-1.5 --prompts hf:owner/captions "
-                     "--output embeddings/sd15-captions")
-@user_errors
-def prompts_encode(
-    teacher: Annotated[str, typer.Option(help="registry name, diffusers folder or hub id whose tokenizer and text "
-                                              "encoder encode the prompts")],
-    prompts: Annotated[str, typer.Option(help="prompt source, as for distill: file, folder, glob or hf:owner/name")],
-    output: Annotated[Path, typer.Option(help="store folder to write (run the same command again to resume)")],
-    prompt_column: Annotated[str | None, typer.Option(help="column of a jsonl/csv/dataset source [default: the "
-                                                           "first of prompt, text, caption]")] = None,
-    split: Annotated[str, typer.Option(help="split of a Hugging Face dataset")] = "train",
-    batch_size: Annotated[int, typer.Option(help="prompts per text-encoder call")] = 256,
-    shard_size: Annotated[int, typer.Option(help="prompts per safetensors shard (the unit of resuming)")] = 10_000,
-    dtype: Annotated[str, typer.Option(help="stored precision: float16 | bfloat16 | float32 (encoding is float32)")]
-        = "float16",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-):
-    """Encode every prompt of a source once into safetensors shards that later runs and all their ranks read."""
-    import torch
-
-    from .embedding_store import check_encode_settings, encode_store
-    from .embeddings import load_text_encoder
-    from .prompts import open_prompts
-
-    check_encode_settings(batch_size, shard_size, dtype)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is visible; use --device cpu")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    source = open_prompts(prompts, column=prompt_column, split=split)
-    tokenizer, text_encoder, teacher_source = load_text_encoder(teacher, device=device)
-    summary = encode_store(tokenizer, text_encoder, source, output, teacher=teacher, teacher_source=teacher_source,
-                           batch_size=batch_size, shard_size=shard_size, dtype=dtype, progress=True)
-    typer.echo(f"{summary.count} prompts in {summary.shards} shards at {summary.path} ({summary.encoded_shards} "
-               f"encoded now, {summary.kept_shards} kept from before)")
-
-
-@prompts_app.command("info")
-@user_errors
-def prompts_info(
-    source: Annotated[str, typer.Argument(help="a prompt source (as for --prompts) or an embedding store folder")],
-    prompt_column: Annotated[str | None, typer.Option(help="column of a jsonl/csv/dataset source")] = None,
-    split: Annotated[str, typer.Option(help="split of a Hugging Face dataset")] = "train",
-    show: Annotated[int, typer.Option(help="prompts to show, evenly spaced through the source")] = 5,
-):
-    """Count the prompts of a source and show a few, or describe an embedding store."""
-    from .embedding_store import MANIFEST, read_manifest
-    from .prompts import distinct_spread, open_prompts
-
-    if (Path(source) / MANIFEST).is_file():
-        m = read_manifest(Path(source))
-        typer.echo(f"embedding store: {m['count']} prompts from {m['prompts']['source']}, teacher {m['teacher']}, "
-                   f"{m['dtype']} {'x'.join(map(str, m['shape']))}, {len(m['shards'])} shards")
-        return
-    prompts = open_prompts(source, column=prompt_column, split=split)
-    typer.echo(f"{len(prompts)} prompts in {source}")
-    for prompt in distinct_spread(prompts, max(show, 0)):
-        typer.echo(f"  {prompt}")
-
-
-# ---------------------------------------------------------------- commands built in other modules
 @app.command(epilog="Example: emd-t2i export runs/sd15 --format lora --format kohya")
 @user_errors
 def export(
@@ -388,51 +296,6 @@ def evaluate(
     if metrics is not None:  # None on the other processes of `accelerate launch`
         typer.echo(f"FID {metrics['fid']}, CLIP score {metrics['clip_score']} ({metrics['images']['count']} images); "
                    f"all numbers and settings in {Path(output) / 'metrics.json'}")
-
-
-@coco_app.command("captions", epilog="Example: emd-t2i coco captions annotations/captions_val2014.json")
-@user_errors
-def coco_captions(
-    source: Annotated[str, typer.Argument(help="captions_val2014.json (annotations_trainval2014.zip, cocodataset.org) or hf:owner/name")],
-    output: Annotated[Path | None, typer.Option(help=_literal("list file to write [default: the cache, where --prompts NAME finds it]"))] = None,
-    n: Annotated[int, typer.Option(help="captions, one per distinct image")] = 30_000,
-    seed: Annotated[int, typer.Option(help="seed of the selection (recorded in the list)")] = 0,
-    split: Annotated[str, typer.Option(help="split of an hf: dataset")] = "validation",
-    caption_column: Annotated[str | None, typer.Option(help=_literal("caption column of an hf: dataset [default: caption, captions, sentences or text]"))] = None,
-    image_column: Annotated[str | None, typer.Option(help=_literal("image id column of an hf: dataset [default: image_id, cocoid, imgid or id]"))] = None,
-):
-    """Turn COCO-2014 val captions into the fixed evaluation list (n images, one caption each, seed recorded)."""
-    from .coco import list_name, prepare_captions
-
-    path = prepare_captions(source, output, n=n, seed=seed, split=split, caption_column=caption_column,
-                            image_column=image_column)
-    use = str(path) if output else list_name(n, seed)
-    typer.echo(f"wrote {path}; evaluate with --prompts {use}")
-
-
-@coco_app.command("reference", epilog="Example: emd-t2i coco reference coco/val2014 --output coco-val2014-256.npz")
-@user_errors
-def coco_reference(
-    images: Annotated[Path, typer.Argument(help="the COCO val2014 image folder (or its zip)")],
-    output: Annotated[Path | None, typer.Option(help=_literal("statistics .npz [default: the cache, where --reference FOLDER finds it]"))] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="images per Inception batch")] = 32,
-    inception_weights: Annotated[str | None, typer.Option(help=_literal("clean-fid's inception-2015-12-05.pt [default: the emd-t2i cache or /tmp]"))] = None,
-):
-    """Compute the FID reference statistics of the real images once (256 px crop, clean-fid Inception)."""
-    import os
-
-    import torch
-
-    from .fid import compute_reference, load_inception
-
-    if output is not None and output.suffix != ".npz":
-        raise UserError(f"--output {output} must end in .npz")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    _, path = compute_reference(images, load_inception(device, inception_weights), device, output=output,
-                                batch_size=batch_size, num_workers=min(8, os.cpu_count() or 1))
-    typer.echo(f"wrote {path}; evaluate with --reference {path}")
 
 
 def main() -> None:
