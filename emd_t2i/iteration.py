@@ -14,7 +14,6 @@ from .config import DistillConfig
 from .emd import Draws, draw, fake_score_step, generator_step, sample_timesteps
 from .optim import optimizer_step
 from .profiling import UNetClock
-from .roles import FAKE_SCORE, adapter_parameters
 
 
 # ---------------------------------------------------------------- randomness and data order
@@ -32,11 +31,6 @@ def global_rows(cfg: DistillConfig, rank: int) -> range:
     """This process's positions in the global batch of world x grad_accum x batch_size samples."""
     rows = cfg.batch_size * cfg.grad_accum
     return range(rank * rows, (rank + 1) * rows)
-
-
-def spread(items, n: int) -> list:
-    """n items evenly spaced through a sequence (validation prompts that cover a dataset, not its first lines)."""
-    return [items[i * len(items) // n] for i in range(n)] if len(items) > n else list(items)
 
 
 @functools.lru_cache(maxsize=2)
@@ -134,7 +128,6 @@ def generator_update(run, cfg, settings, batch: Batch, alphas_cumprod, autocast,
 def fake_score_updates(run, cfg, batch: Batch, x0_samples, alphas_cumprod, autocast, world: int, stats):
     """`fake_updates` steps of (F1): the first on the E-step's g(z_0), further ones on fresh generator samples."""
     roles, size = run.roles, cfg.batch_size
-    fake_params = adapter_parameters(roles.unet, FAKE_SCORE)
     for update, fake in enumerate(batch.fake):
         for i in range(cfg.grad_accum):
             rows = batch.micro(i, size)
@@ -147,7 +140,8 @@ def fake_score_updates(run, cfg, batch: Batch, x0_samples, alphas_cumprod, autoc
                 loss_f = fake_score_step(fake_eps, x0, fake.t[rows], fake.eps[rows], alphas_cumprod)
             run.scaler_fake.scale(loss_f / (cfg.grad_accum * cfg.fake_updates)).backward()
             stats["loss_fake"] += loss_f.item() / (cfg.grad_accum * cfg.fake_updates)
-        stats["grad_norm_fake"] = optimizer_step(run.opt_fake, run.scaler_fake, fake_params, cfg.max_grad_norm, world)
+        stats["grad_norm_fake"] = optimizer_step(run.opt_fake, run.scaler_fake, run.fake_params(), cfg.max_grad_norm,
+                                                 world)
     roles.activate(None)
 
 

@@ -105,7 +105,11 @@ class Run:
     bad_steps: int = 0
 
     def generator_params(self) -> list[torch.nn.Parameter]:
-        return adapter_parameters(self.roles.unet, GENERATOR)
+        """The generator's LoRA weights, as its optimizer holds them (no walk over the UNet's parameters)."""
+        return self.opt_generator.param_groups[0]["params"]
+
+    def fake_params(self) -> list[torch.nn.Parameter]:
+        return self.opt_fake.param_groups[0]["params"]
 
     def exported_weights(self):
         """The generator as it is exported: the EMA weights swapped in while the block runs (if kept)."""

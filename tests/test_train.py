@@ -204,10 +204,10 @@ def test_bf16_gradient_checkpointing_and_accumulation_run_on_cpu(tiny_teacher_di
 
 
 def test_validation_prompts_spread_over_the_dataset():
-    from emd_t2i.iteration import spread
+    from emd_t2i.prompts import distinct_spread
 
-    assert spread(list(range(10)), 3) == [0, 3, 6]
-    assert spread([1, 2], 5) == [1, 2]
+    assert distinct_spread([str(i) for i in range(10)], 3) == ["0", "3", "6"]
+    assert distinct_spread(["1", "2"], 5) == ["1", "2"]
 
 
 def test_a_second_run_in_the_same_process_may_change_precision(tiny_teacher_dir, prompt_file, tmp_path):
