@@ -189,6 +189,9 @@ def toy_train_teacher(
     vae_steps: Annotated[int | None, typer.Option(help="autoencoder steps [default: the recipe's]")] = None,
     num_images: Annotated[int | None, typer.Option(help="size of the fixed training set [default: the recipe's]")] = None,
     batch_size: Annotated[int | None, typer.Option(help="diffusion-model batch [default: the recipe's]")] = None,
+    attribute_dropout: Annotated[float | None, typer.Option(help="chance a caption leaves out each attribute "
+                                                            "[default: the recipe's]")] = None,
+    init_from: Annotated[Path | None, typer.Option(help="a toy teacher folder to fine-tune (keeps its VAE)")] = None,
     export_only: Annotated[bool, typer.Option("--export-only", help="only re-export from the last checkpoint")] = False,
 ):
     """Train the toy teacher with the project's recipe (resumable: run the same command again to continue)."""
@@ -199,6 +202,11 @@ def toy_train_teacher(
     given = {"unet_steps": unet_steps, "vae_steps": vae_steps, "num_images": num_images, "batch_size": batch_size}
     if any(v is not None and v < 1 for v in given.values()):
         raise UserError("--unet-steps, --vae-steps, --num-images and --batch-size must be >= 1")
+    if attribute_dropout is not None and not 0 <= attribute_dropout <= 1:
+        raise UserError("--attribute-dropout must be between 0 and 1")
+    if init_from is not None and not (init_from / "unet").is_dir():
+        raise UserError(f"--init-from {init_from} is not a toy teacher folder (no unet/ in it)")
+    given.update(attribute_dropout=attribute_dropout, init_from=None if init_from is None else str(init_from))
     recipe = replace(TeacherRecipe(), **{k: v for k, v in given.items() if v is not None})
     path = train_teacher(output, checkpoints, recipe, export_only=export_only)
     typer.echo(f"toy teacher saved to {path}; use it with --teacher {path}")

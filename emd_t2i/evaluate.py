@@ -37,16 +37,19 @@ ImagesFn = Callable[[list[str], int], Tensor]  # (prompts, seed) -> images in [-
 
 
 def toy_report(generate: ImagesFn, n: int = EVAL_PROMPTS, diversity_images: int = 64, seed: int = 0,
-               diversity_prompts: int = 3, diversity_samples: int = 192) -> dict:
+               diversity_prompts: int = 3, diversity_samples: int = 192, teacher: ImagesFn | None = None,
+               coverage_samples: int = 384) -> dict:
     """Measures of one image source on the toy domain, against real images of the same prompts.
 
     prompt accuracy per attribute (and all three); diversity, the spread of position and size relative to real
     images of the same prompt (1 = as diverse as the data), twice: `diversity_ratio` for one fixed prompt and
     `diversity_images` samples (the sweep's measure, +-0.035) and `diversity` averaged over `diversity_prompts`
-    prompts of `diversity_samples` samples each (+-0.015; 0 prompts skips it); and the Frechet distance to real
-    images in the attribute classifier's feature space.
+    prompts of `diversity_samples` samples each (+-0.015; 0 prompts skips it); the Frechet distance to real
+    images in the attribute classifier's feature space; the geometric shape fidelity of the images; and, given the
+    `teacher` as an image source, the mode coverage on the under-specified prompts (toy.modes.coverage_report,
+    `coverage_samples` per prompt).
     """
-    from .toy import metrics
+    from .toy import metrics, modes
 
     prompts = metrics.evaluation_prompts(n, seed)
     images = generate(prompts, seed)
@@ -62,6 +65,9 @@ def toy_report(generate: ImagesFn, n: int = EVAL_PROMPTS, diversity_images: int 
             fixed_images, metrics.real_images_for_prompt(fixed, diversity_images, seed))},
         "diversity": wide,
         "frechet_distance_to_real": metrics.classifier_frechet_distance(images, real),
+        "shape_fidelity": modes.fidelity_report(images, prompts),
+        "mode_coverage": (modes.coverage_report(generate, teacher, n=coverage_samples, seed=seed)
+                          if teacher is not None else None),
     }
 
 
@@ -72,6 +78,18 @@ def one_step_images(model: Path, device: str = "cpu") -> ImagesFn:
     def generate(prompts: list[str], seed: int) -> Tensor:
         out = sample(prompts, model, seed=seed, device=device, batch_size=64)
         return _pil_to_tensor(out.images)
+
+    return generate
+
+
+def teacher_images(guidance: float, device: str = "cpu", steps: int = 25) -> ImagesFn:
+    """The shipped toy teacher as an image source: `steps` DDIM steps at the student's guidance."""
+    from .toy.metrics import load_teacher, sample_teacher
+
+    pipe = load_teacher().to(device)
+
+    def generate(prompts: list[str], seed: int) -> Tensor:
+        return sample_teacher(pipe, prompts, steps, guidance, seed).cpu()
 
     return generate
 
@@ -94,7 +112,10 @@ def evaluate_export(model: str | Path | None, n: int = EVAL_PROMPTS, device: str
             f"{root} was distilled from {facts.get('teacher', 'an SD teacher')}, not the toy: score it in the COCO "
             "protocol with --prompts coco2014-val-30k --reference VAL2014_DIR --output DIR (docs/EVALUATION.md)"
         )
-    report = {"model": str(root), "one_step": toy_report(one_step_images(root, device), n=n)}
+    guidance = facts.get("guidance_scale")
+    report = {"model": str(root), "one_step": toy_report(one_step_images(root, device), n=n,
+                                                         teacher=teacher_images(guidance, device)),
+              "coverage_teacher": {"steps": 25, "guidance": guidance}}
     run_dir = root.parent if (root.parent / "config.json").exists() else root
     write_text_atomic(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
     return report

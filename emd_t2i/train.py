@@ -324,11 +324,12 @@ def _distill(cfg: DistillConfig, accelerator, run_dir: Path, stop_after: int | N
 
 
 def default_prompts(cfg: DistillConfig) -> list[str]:
-    """Without --prompts, a teacher that knows its own domain (the toy) supplies captions; others need --prompts."""
+    """Without --prompts, a teacher that knows its own domain (the toy) supplies its captions, full and partial (the
+    partial ones are where a student shows whether it covers the teacher's modes); others need --prompts."""
     if cfg.teacher == "toy":
-        from .toy.domain import all_captions
+        from .toy.domain import all_captions, partial_captions
 
-        return all_captions()
+        return all_captions() + partial_captions()
     raise UserError("--prompts is required for this teacher (a .txt/.jsonl/.csv file, a folder, or hf:NAME)")
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from emd_t2i.evaluate import toy_report
-from emd_t2i.toy import metrics
+from emd_t2i.toy import metrics, modes
 
 
 def real_source(prompts, seed):
@@ -47,3 +47,28 @@ def test_diversity_says_which_spread_is_missing():
     geometry = metrics.mean_diversity(centred_source, metrics.diversity_prompts(2), samples=64)["geometry"]
     assert geometry["cx"] < 0.2 and geometry["cy"] < 0.2
     assert 0.7 < geometry["size"] < 1.4
+
+
+def test_mode_coverage_tells_a_collapsed_student_from_a_covering_one():
+    """Under-specified prompts ("a shape": 24 modes ... "a blue square": 2): real images against other real images
+    sit at the sampling floor and recall every mode; one picture per prompt recalls one mode and has no entropy."""
+    sizes = {"n": 48, "diversity_images": 16, "diversity_prompts": 0, "coverage_samples": 96}
+
+    def teacher(prompts, seed):
+        return real_source(prompts, seed + 5000)
+
+    real = toy_report(real_source, teacher=teacher, **sizes)["mode_coverage"]
+    collapsed = toy_report(collapsed_source, teacher=teacher, **sizes)["mode_coverage"]
+    assert set(real["prompts"]) == set(modes.UNDERSPECIFIED_PROMPTS)
+    assert abs(real["mean"]["tv"] - real["mean"]["tv_floor"]) < 4 * real["mean"]["tv_se"]
+    assert real["mean"]["modes_recalled"] > 0.9 and real["mean"]["entropy_ratio"] > 0.9
+    assert collapsed["mean"]["entropy_ratio"] == 0 and collapsed["mean"]["tv"] > 0.5
+    one_mode = np.mean([1 / r["teacher_modes"] for r in collapsed["prompts"].values()])
+    assert abs(collapsed["mean"]["modes_recalled"] - one_mode) < 0.05
+    assert collapsed["mean"]["tv"] > real["mean"]["tv"] + 10 * collapsed["mean"]["tv_se"]
+
+
+def test_shape_fidelity_sits_beside_accuracy_in_the_report():
+    report = toy_report(real_source, n=48, diversity_images=16, diversity_prompts=0)
+    assert report["mode_coverage"] is None  # no teacher given
+    assert report["shape_fidelity"]["mean"] > 0.97 and report["shape_fidelity"]["where_shape_correct"] > 0.97

@@ -72,3 +72,16 @@ def test_rendering_is_fast():
     start = time.perf_counter()
     domain.render(domain.sample_attributes(5000, seed=0))
     assert time.perf_counter() - start < 5.0  # thousands of images per second, even on a busy machine
+
+
+def test_partial_captions_name_exactly_the_attributes_they_keep():
+    for s in (*range(3), None):
+        for c in (*range(4), None):
+            for b in (0, 1, None):
+                for p in range(len(domain.PHRASINGS)):
+                    assert domain.parse_prompt(domain.caption(s, c, b, p)) == (s, c, b)
+    partial = domain.partial_captions()
+    assert len(set(partial)) == len(partial) and not set(partial) & set(domain.all_captions())
+    assert {"a shape", "a red shape", "a circle", "a shape on a black background", "a blue square"} <= set(partial)
+    # a full triple still reads as before, word for word
+    assert domain.caption(0, 0, 0, 0) == "a red circle on a white background"

@@ -120,6 +120,16 @@ def test_recipe_resumes_and_exports_a_loadable_pipeline(tmp_path):
     )
     images = metrics.sample_teacher(pipe, ["red circle, black background"], steps=2, guidance=3.0)
     assert images.shape == (1, 3, 32, 32)
+    # fine-tuning on partial captions from that teacher keeps its VAE and latent scale and starts from its weights
+    tuned = tmp_path / "tuned"
+    train_teacher(tuned, tmp_path / "ckpt2", TeacherRecipe(**{**recipe.__dict__, "unet_steps": 1,
+                                                              "attribute_dropout": 0.5, "init_from": str(out)}))
+    meta, after = json.loads((tuned / "toy_teacher.json").read_text()), metrics.load_teacher(tuned)
+    assert meta["initialised_from"]["step"] == 3 and meta["recipe"]["attribute_dropout"] == 0.5
+    assert after.vae.config.scaling_factor == pipe.vae.config.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(after.vae.state_dict().values(), pipe.vae.state_dict().values()))
+    moved = [float((a - b).abs().max()) for a, b in zip(after.unet.state_dict().values(), pipe.unet.state_dict().values())]
+    assert 0 < max(moved) < 0.1  # one small step away from the initial teacher, not a fresh model
 
 
 @pytest.mark.slow
@@ -150,3 +160,23 @@ def test_cli_trains_a_tiny_toy_teacher(tmp_path):
     assert result.exit_code == 0, result.output
     assert load_teacher(str(out)).latent_size == 8
     assert CliRunner().invoke(app, [*args[:2], "--unet-steps", "0"]).exit_code == 2
+
+
+def test_teacher_batches_leave_each_attribute_out_at_the_recipe_rate():
+    from emd_t2i.tokenizer import clip_tokenizer
+    from emd_t2i.toy.train_teacher import NULL_PROMPT, TeacherRecipe, caption_table, draw_batch
+
+    tokens, index = caption_table(clip_tokenizer())
+    texts = list(dict.fromkeys(domain.all_captions() + domain.partial_captions())) + [NULL_PROMPT]
+    text_of = {tuple(row.tolist()): text for row, text in zip(tokens, texts)}
+    combos = torch.from_numpy(np.stack(np.unravel_index(np.arange(600) % 24, (3, 4, 2)), 1))
+    data = {"mean": torch.zeros(600, 4, 8, 8), "std": torch.ones(600, 4, 8, 8), "combo": combos,
+            "scaling_factor": 1.0}
+    for rate in (0.0, 0.3):
+        recipe = TeacherRecipe(batch_size=2000, attribute_dropout=rate, caption_dropout=0.1)
+        batch = draw_batch(data, tokens, index, recipe, torch.Generator().manual_seed(0))
+        captions = [text_of[tuple(row.tolist())] for row in batch["tokens"]]
+        named = [domain.parse_prompt(c) for c in captions if c != NULL_PROMPT]
+        assert abs(1 - len(named) / len(captions) - 0.1) < 0.02  # dropout to the null prompt
+        missing = np.array([[v is None for v in attrs] for attrs in named]).mean(0)
+        assert np.all(np.abs(missing - rate) < 0.035), (rate, missing)

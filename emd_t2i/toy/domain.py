@@ -89,10 +89,24 @@ def render(attrs: Attributes) -> Tensor:
     return torch.from_numpy(images * 2 - 1)
 
 
-def caption(shape: int, colour: int, background: int, phrasing: int = 0) -> str:
-    """One caption for an attribute triple (class indices), in the given phrasing."""
-    template = PHRASINGS[phrasing % len(PHRASINGS)]
-    return template.format(shape=SHAPES[shape], colour=COLOURS[colour], background=BACKGROUNDS[background])
+# Captions that leave attributes out ("a red shape", "a circle on black", "a shape"): the teacher learns them too, so
+# an under-specified prompt has several modes (one per attribute it does not name) for a student to cover or drop.
+UNNAMED_SHAPE = "shape"
+PARTIAL_PHRASINGS = ("a {object}", "{object}", "a picture of a {object}")  # phrasings without a background
+
+
+def caption(shape: int | None, colour: int | None, background: int | None, phrasing: int = 0) -> str:
+    """One caption for an attribute triple (class indices; None leaves that attribute out), in the given phrasing.
+
+    A full triple gives one of PHRASINGS; a missing shape reads "shape", a missing colour is omitted, and a missing
+    background takes one of PARTIAL_PHRASINGS.
+    """
+    words = ([] if colour is None else [COLOURS[colour]]) + [UNNAMED_SHAPE if shape is None else SHAPES[shape]]
+    obj = " ".join(words)
+    if background is None:
+        return PARTIAL_PHRASINGS[phrasing % len(PARTIAL_PHRASINGS)].format(object=obj)
+    template = PHRASINGS[phrasing % len(PHRASINGS)].replace("{colour} {shape}", "{object}")
+    return template.format(object=obj, background=BACKGROUNDS[background])
 
 
 def captions(attrs: Attributes, seed: int | None = None) -> list[str]:
@@ -105,7 +119,7 @@ def captions(attrs: Attributes, seed: int | None = None) -> list[str]:
 
 
 def all_captions() -> list[str]:
-    """Every caption the domain can produce (each attribute triple in each phrasing)."""
+    """Every full caption the domain can produce (each attribute triple in each phrasing)."""
     return [
         caption(s, c, b, p)
         for s in range(len(SHAPES))
@@ -113,6 +127,13 @@ def all_captions() -> list[str]:
         for b in range(len(BACKGROUNDS))
         for p in range(len(PHRASINGS))
     ]
+
+
+def partial_captions() -> list[str]:
+    """Every caption that leaves at least one attribute out (each in each of its phrasings), without duplicates."""
+    keys = [(s, c, b) for s in (*range(len(SHAPES)), None) for c in (*range(len(COLOURS)), None)
+            for b in (*range(len(BACKGROUNDS)), None) if None in (s, c, b)]
+    return list(dict.fromkeys(caption(*key, p) for key in keys for p in range(len(PHRASINGS))))
 
 
 def parse_prompt(prompt: str) -> tuple[int | None, int | None, int | None]:

@@ -111,6 +111,51 @@ def attribute_labels(images: Tensor, classifier=None) -> np.ndarray:
     return np.stack([pred[a].cpu().numpy() for a in ATTRIBUTES], 1)
 
 
+# Under-specified prompts of the toy evaluation, with the modes each leaves open (shape x colour x background).
+UNDERSPECIFIED_PROMPTS = (
+    "a shape",  # 24
+    "a circle",  # 8: colour x background
+    "a shape on a white background",  # 12: shape x colour
+    "a red shape",  # 6: shape x background
+    "a yellow shape on black",  # 3: shape
+    "a blue square",  # 2: background
+)
+
+
+def coverage_report(student_images, teacher_images, prompts=UNDERSPECIFIED_PROMPTS, n: int = 384, seed: int = 0,
+                    classifier=None) -> dict:
+    """`mode_coverage` of a student against its teacher on each of `prompts` (n samples each), and their mean.
+
+    student_images / teacher_images: (prompts, seed) -> images in [-1, 1]; each is called once with every prompt
+    repeated n times. The mean's standard errors combine the prompts' as independent: sqrt(sum se^2) / P.
+    """
+    batch = [p for p in prompts for _ in range(n)]
+    labels = {name: attribute_labels(source(batch, seed), classifier).reshape(len(prompts), n, -1)
+              for name, source in (("student", student_images), ("teacher", teacher_images))}
+    per_prompt = {p: mode_coverage(labels["student"][i], labels["teacher"][i], seed) for i, p in enumerate(prompts)}
+    mean = {}
+    for key in ("tv", "modes_recalled", "entropy_ratio", "tv_floor"):
+        values = np.array([r[key] for r in per_prompt.values()])
+        mean[key] = float(np.nanmean(values))
+        if f"{key}_se" in next(iter(per_prompt.values())):
+            ses = np.array([r[f"{key}_se"] for r in per_prompt.values()])
+            mean[f"{key}_se"] = float(np.sqrt(np.nansum(ses**2)) / np.isfinite(values).sum())
+    return {"n_per_prompt": n, "seed": seed, "mean": mean, "prompts": per_prompt}
+
+
+def fidelity_report(images: Tensor, prompts: list[str], classifier=None) -> dict:
+    """Shape fidelity (`shape_fidelity`, of the classified shape) of images of full prompts: the mean with its
+    standard error, and the mean over the images whose shape the classifier reads as the prompt's."""
+    from emd_t2i.toy.metrics import predict
+
+    predicted = predict(images, classifier)["shape"].cpu()
+    fidelity = shape_fidelity(images, predicted)
+    wanted = torch.tensor([-1 if s is None else s for s in (domain.parse_prompt(p)[0] for p in prompts)])
+    correct = predicted == wanted
+    return {"mean": float(fidelity.mean()), "se": float(fidelity.std() / len(fidelity) ** 0.5),
+            "where_shape_correct": float(fidelity[correct].mean()) if correct.any() else float("nan")}
+
+
 # ---------------------------------------------------------------- shape fidelity
 def foreground(images: Tensor) -> Tensor:
     """Soft foreground membership (N, H, W) in [0, 1] of images in [-1, 1] with one shape on a plain background.
@@ -213,10 +258,12 @@ def vae_round_trip(pipe, images: Tensor) -> Tensor:
     return vae.decode(latents).sample.float().clamp(-1, 1)
 
 
-def reference(n: int = 240, guidance: float = 4.0, seed: int = 0) -> dict:
-    """Shape fidelity and classifier shape accuracy of real images, real images through the VAE, and the shipped
-    teacher's 25-step and 1-step samples (evaluation prompts); and the mode coverage of the 1-step teacher against
-    the 25-step one on the empty prompt (guidance 1), the only under-specified prompt this teacher was trained on."""
+def reference(n: int = 240, guidance: float = 4.0, seed: int = 0, coverage_guidance: float = 1.75,
+              coverage_samples: int = 384, teacher=None) -> dict:
+    """Shape fidelity and classifier shape accuracy of real images, real images through the VAE, and the teacher's
+    25-step and 1-step samples (evaluation prompts, guidance `guidance`); and, on the under-specified prompts at
+    `coverage_guidance` (the toy preset's), the mode coverage of the data, of a second 25-step set and of the 1-step
+    teacher, each against the 25-step teacher: what a student's numbers should be read against."""
     from emd_t2i.toy.metrics import (
         evaluation_prompts,
         load_teacher,
@@ -225,7 +272,7 @@ def reference(n: int = 240, guidance: float = 4.0, seed: int = 0) -> dict:
         sample_teacher,
     )
 
-    pipe = load_teacher()
+    pipe = load_teacher() if teacher is None else load_teacher(teacher)
     prompts = evaluation_prompts(n, seed)
     wanted = torch.tensor([domain.parse_prompt(p)[0] for p in prompts])
     real = torch.cat([real_images_for_prompt(p, 1, seed=seed + i) for i, p in enumerate(prompts)])
@@ -240,12 +287,18 @@ def reference(n: int = 240, guidance: float = 4.0, seed: int = 0) -> dict:
             fidelity = shape_fidelity(images, predicted, soft=soft)
             out["shape"][name].update({kind: float(fidelity.mean()), f"{kind}_se": float(fidelity.std() / n**0.5),
                                        f"{kind}_where_correct": float(fidelity[predicted == wanted].mean())})
-    empty = [""] * n
-    teacher_labels = attribute_labels(sample_teacher(pipe, empty, 25, 1.0, seed + 1))
-    student_labels = attribute_labels(sample_teacher(pipe, empty, 1, 1.0, seed + 2))
-    out["empty_prompt"] = {"one_step_vs_25": mode_coverage(student_labels, teacher_labels, seed),
-                           "25_vs_25": mode_coverage(attribute_labels(sample_teacher(pipe, empty, 25, 1.0, seed + 3)),
-                                                     teacher_labels, seed)}
+
+    def teacher_source(steps: int, offset: int):
+        return lambda batch, s: sample_teacher(pipe, batch, steps, coverage_guidance, s + offset)
+
+    def data(batch, s):
+        return torch.cat([real_images_for_prompt(p, 1, seed=s + 7919 * i) for i, p in enumerate(batch)])
+
+    teacher25 = teacher_source(25, 0)
+    out["coverage"] = {"guidance": coverage_guidance, **{
+        name: coverage_report(source, teacher25, n=coverage_samples, seed=seed)
+        for name, source in (("data_vs_teacher25", data), ("teacher25_vs_teacher25", teacher_source(25, 1)),
+                             ("teacher1_vs_teacher25", teacher_source(1, 2)))}}
     return out
 
 
@@ -256,10 +309,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=reference.__doc__)
     parser.add_argument("--n", type=int, default=240)
     parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--teacher", default=None, help="teacher folder [default: the shipped toy teacher]")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    result = json.dumps(reference(args.n, args.guidance), indent=1)
+    result = json.dumps(reference(args.n, args.guidance, teacher=args.teacher), indent=1)
     print(result)
     if args.output:
         from pathlib import Path

@@ -39,7 +39,9 @@ class TeacherRecipe:
     lr: float = 6e-4
     warmup_steps: int = 500
     ema_decay: float = 0.999
-    caption_dropout: float = 0.1
+    caption_dropout: float = 0.1  # share of captions replaced by the null prompt (classifier-free guidance)
+    attribute_dropout: float = 0.0  # chance that a caption leaves out each attribute, independently (partial captions)
+    init_from: str | None = None  # a teacher folder to fine-tune (its VAE is kept; no VAE phase)
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023): faster convergence
     text_hidden_size: int = 64
     text_layers: int = 2
@@ -234,14 +236,19 @@ def encode_dataset(vae: AutoencoderKL, recipe: TeacherRecipe, ckpt_dir: Path) ->
 
 
 def caption_table(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids of every domain caption plus the null prompt (last row), and a (shape, colour, bg, phrasing) index."""
-    texts = domain.all_captions() + [NULL_PROMPT]
+    """Token ids of every domain caption, full and partial, plus the null prompt (last row), and an index
+    (shape, colour, background, phrasing) -> row in which the last class of each attribute means "left out"."""
+    texts = list(dict.fromkeys(domain.all_captions() + domain.partial_captions())) + [NULL_PROMPT]
     tokens = tokenizer(
         texts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt"
     )
     position = {text: i for i, text in enumerate(texts)}
-    dims = (len(domain.SHAPES), len(domain.COLOURS), len(domain.BACKGROUNDS), len(domain.PHRASINGS))
-    index = torch.tensor([position[domain.caption(*key)] for key in np.ndindex(*dims)]).reshape(dims)
+    dims = (len(domain.SHAPES) + 1, len(domain.COLOURS) + 1, len(domain.BACKGROUNDS) + 1, len(domain.PHRASINGS))
+    named = [len(domain.SHAPES), len(domain.COLOURS), len(domain.BACKGROUNDS)]
+    index = torch.tensor([
+        position[domain.caption(*(None if k == n else k for k, n in zip(key[:3], named)), key[3])]
+        for key in np.ndindex(*dims)
+    ]).reshape(dims)
     return tokens.input_ids, index
 
 
@@ -266,11 +273,14 @@ def diffusion_loss(
 
 
 def draw_batch(data: dict, tokens, index, recipe: TeacherRecipe, gen) -> dict:
-    """A batch of latents sampled from their posteriors, with captions of random phrasing and dropout."""
+    """A batch of latents sampled from their posteriors, with captions of random phrasing, attributes left out at
+    rate attribute_dropout, and dropout to the null prompt."""
     n = len(data["mean"])
     i = torch.randint(0, n, (recipe.batch_size,), generator=gen)
     phrasing = torch.randint(0, index.shape[-1], (recipe.batch_size,), generator=gen)
-    combo = data["combo"][i]
+    combo = data["combo"][i].clone()
+    left_out = torch.rand(combo.shape, generator=gen) < recipe.attribute_dropout
+    combo[left_out] = torch.tensor(index.shape[:3]).sub(1).expand_as(combo)[left_out]
     caption = index[combo[:, 0], combo[:, 1], combo[:, 2], phrasing]
     dropped = torch.rand(recipe.batch_size, generator=gen) < recipe.caption_dropout
     caption = torch.where(dropped, torch.full_like(caption, len(tokens) - 1), caption)
@@ -292,14 +302,26 @@ def train_teacher(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     (ckpt_dir / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
     torch.manual_seed(recipe.seed)
-    vae = train_vae(recipe, ckpt_dir, checkpoint_every_s)
-    data = encode_dataset(vae, recipe, ckpt_dir)
-    vae.register_to_config(scaling_factor=data["scaling_factor"])
+    init = Path(recipe.init_from) if recipe.init_from else None
+    if init is not None:  # fine-tune: the teacher's VAE and latent scale stay as they are
+        loaded = AutoencoderKL.from_pretrained(init / "vae")
+        vae = build_vae(recipe).eval().requires_grad_(False)
+        vae.load_state_dict(loaded.state_dict()), vae.register_to_config(scaling_factor=loaded.config.scaling_factor)
+        data = {**encode_dataset(vae, recipe, ckpt_dir), "scaling_factor": vae.config.scaling_factor}
+    else:
+        vae = train_vae(recipe, ckpt_dir, checkpoint_every_s)
+        data = encode_dataset(vae, recipe, ckpt_dir)
+        vae.register_to_config(scaling_factor=data["scaling_factor"])
     log(f"latents: scaling_factor {data['scaling_factor']:.4f}, VAE recon MSE {data['recon_mse']:.5f}")
 
     latent_size = data["mean"].shape[-1]
     text_encoder, unet = build_text_encoder(recipe), build_unet(recipe, latent_size)
     ema_text, ema_unet = build_text_encoder(recipe), build_unet(recipe, latent_size)
+    if init is not None:
+        for module in (text_encoder, ema_text):
+            module.load_state_dict(CLIPTextModel.from_pretrained(init / "text_encoder").state_dict())
+        for module in (unet, ema_unet):
+            module.load_state_dict(UNet2DConditionModel.from_pretrained(init / "unet").state_dict())
     params = list(text_encoder.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     path, step = ckpt_dir / "unet.pt", 0
@@ -315,11 +337,12 @@ def train_teacher(
         opt.load_state_dict(state["opt"])
         step = state["step"]
         log(f"resumed at step {step}")
-    else:
+    elif init is None:
         ema_text.load_state_dict(text_encoder.state_dict()), ema_unet.load_state_dict(unet.state_dict())
 
     def export() -> None:
-        meta = {"step": step, "recipe": asdict(recipe), "recon_mse": data["recon_mse"]}
+        meta = {"step": step, "recipe": asdict(recipe), "recon_mse": data["recon_mse"],
+                "initialised_from": json.loads((init / "toy_teacher.json").read_text()) if init else None}
         export_pipeline(vae, ema_text, ema_unet, output_dir, meta)
         log(f"exported the EMA teacher at step {step} to {output_dir}")
 
@@ -353,7 +376,7 @@ def train_teacher(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        decay = ema_decay_at(recipe.ema_decay, step)
+        decay = recipe.ema_decay if init is not None else ema_decay_at(recipe.ema_decay, step)
         update_ema(ema_text.parameters(), text_encoder.parameters(), decay)
         update_ema(ema_unet.parameters(), unet.parameters(), decay)
         running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
@@ -383,6 +406,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=TeacherRecipe.batch_size)
     parser.add_argument("--lr", type=float, default=TeacherRecipe.lr)
     parser.add_argument("--seed", type=int, default=TeacherRecipe.seed)
+    parser.add_argument("--ema-decay", type=float, default=TeacherRecipe.ema_decay)
+    parser.add_argument("--warmup-steps", type=int, default=TeacherRecipe.warmup_steps)
+    parser.add_argument("--attribute-dropout", type=float, default=TeacherRecipe.attribute_dropout,
+                        help="chance a caption leaves out each attribute (partial captions)")
+    parser.add_argument("--init-from", default=None, help="teacher folder to fine-tune (keeps its VAE)")
     parser.add_argument("--checkpoint-every-min", type=float, default=3.0)
     parser.add_argument("--export-every-min", type=float, default=10.0)
     parser.add_argument(
@@ -401,6 +429,10 @@ def main(argv: list[str] | None = None) -> None:
         unet_steps=args.unet_steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        ema_decay=args.ema_decay,
+        attribute_dropout=args.attribute_dropout,
+        init_from=args.init_from,
     )
     train_teacher(
         args.output,
