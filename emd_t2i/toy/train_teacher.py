@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from emd_t2i.ema import ema_decay_at, update_ema
+from emd_t2i.files import atomic_output
 from emd_t2i.schedule import alpha_sigma, forward_noise, sd_alphas_cumprod
 from emd_t2i.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer
 from emd_t2i.toy import domain
@@ -52,17 +53,10 @@ class TeacherRecipe:
 def build_vae(recipe: TeacherRecipe) -> AutoencoderKL:
     """A small AutoencoderKL: 3 levels, so 32x32 images become 4x8x8 latents."""
     levels = len(recipe.vae_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=recipe.vae_channels,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=min(recipe.vae_channels),
-        sample_size=domain.IMAGE_SIZE,
-    )
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=recipe.vae_channels,
+                         layers_per_block=1, latent_channels=4, norm_num_groups=min(recipe.vae_channels),
+                         sample_size=domain.IMAGE_SIZE)
 
 
 def build_text_encoder(recipe: TeacherRecipe) -> CLIPTextModel:
@@ -118,10 +112,9 @@ def sd_scheduler() -> DDIMScheduler:
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a killed process never leaves a half-written checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through the project's atomic writer: a killed process never leaves a half-written checkpoint."""
+    with atomic_output(path) as f:
+        torch.save(obj, f)
 
 
 def export_pipeline(vae, text_encoder, unet, output_dir: Path, meta: dict) -> None:
@@ -129,16 +122,9 @@ def export_pipeline(vae, text_encoder, unet, output_dir: Path, meta: dict) -> No
     output_dir = Path(output_dir)
     tmp, old = output_dir.with_name(output_dir.name + ".tmp"), output_dir.with_name(output_dir.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
-        unet=unet,
-        scheduler=sd_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+                                   scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
     pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / "toy_teacher.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(old, ignore_errors=True)
@@ -400,48 +386,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output", required=True, help="pipeline folder to write (replaced atomically)")
     parser.add_argument("--checkpoints", required=True, help="folder for resumable checkpoints (outside git)")
-    parser.add_argument("--unet-steps", type=int, default=TeacherRecipe.unet_steps)
-    parser.add_argument("--vae-steps", type=int, default=TeacherRecipe.vae_steps)
-    parser.add_argument("--num-images", type=int, default=TeacherRecipe.num_images)
-    parser.add_argument("--batch-size", type=int, default=TeacherRecipe.batch_size)
-    parser.add_argument("--lr", type=float, default=TeacherRecipe.lr)
-    parser.add_argument("--seed", type=int, default=TeacherRecipe.seed)
-    parser.add_argument("--ema-decay", type=float, default=TeacherRecipe.ema_decay)
-    parser.add_argument("--warmup-steps", type=int, default=TeacherRecipe.warmup_steps)
-    parser.add_argument("--attribute-dropout", type=float, default=TeacherRecipe.attribute_dropout,
-                        help="chance a caption leaves out each attribute (partial captions)")
-    parser.add_argument("--init-from", default=None, help="teacher folder to fine-tune (keeps its VAE)")
+    knobs = {f.name: {"int": int, "float": float, "str | None": str}[f.type] for f in fields(TeacherRecipe)
+             if f.type in ("int", "float", "str | None")}  # every scalar knob of the recipe, as --knob-name
+    for name, kind in knobs.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(TeacherRecipe, name))
     parser.add_argument("--checkpoint-every-min", type=float, default=3.0)
     parser.add_argument("--export-every-min", type=float, default=10.0)
-    parser.add_argument(
-        "--export-only", action="store_true", help="re-export the pipeline from the last checkpoint"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (1 is faster on a busy machine)"
-    )
+    parser.add_argument("--export-only", action="store_true", help="re-export the pipeline from the last checkpoint")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a busy machine)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = TeacherRecipe(
-        seed=args.seed,
-        num_images=args.num_images,
-        vae_steps=args.vae_steps,
-        unet_steps=args.unet_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        ema_decay=args.ema_decay,
-        attribute_dropout=args.attribute_dropout,
-        init_from=args.init_from,
-    )
-    train_teacher(
-        args.output,
-        args.checkpoints,
-        recipe,
-        60 * args.checkpoint_every_min,
-        60 * args.export_every_min,
-        args.export_only,
-    )
+    recipe = TeacherRecipe(**{name: getattr(args, name) for name in knobs})
+    train_teacher(args.output, args.checkpoints, recipe, 60 * args.checkpoint_every_min,
+                  60 * args.export_every_min, args.export_only)
 
 
 if __name__ == "__main__":
