@@ -395,7 +395,10 @@ def test_the_command_line(run, reference_dir, tmp_path, monkeypatch):
     toy = shutil.copytree(run / "export", tmp_path / "toy" / "export")
     facts = json.loads((toy / FACTS_FILE).read_text())
     (toy / FACTS_FILE).write_text(json.dumps({**facts, "teacher": "toy"}))
-    monkeypatch.setattr(evaluate_module, "toy_report", lambda generate, n: {"prompts": n})
+    monkeypatch.setattr(evaluate_module, "toy_report", lambda generate, n, teacher: {"prompts": n,
+                                                                                    "teacher": callable(teacher)})
     result = runner.invoke(app, ["eval", "--model", str(toy), "--n", "12"])
     assert result.exit_code == 0, result.output
-    assert json.loads((toy / "eval.json").read_text())["one_step"] == {"prompts": 12}
+    report = json.loads((toy / "eval.json").read_text())
+    assert report["one_step"] == {"prompts": 12, "teacher": True}  # mode coverage against the 25-step teacher
+    assert report["coverage_teacher"] == {"steps": 25, "guidance": facts["guidance_scale"]}
