@@ -34,8 +34,6 @@ declare -A POINTS=(
   # Added after dmd / emd_k8_snr at seed 0 (K = 8 at 280 iterations: accuracy 0.81, under-trained at this budget):
   # the cheapest chains. K = 2 with the snr z step (0.35 it/s against DMD's 0.44 with three jobs on two cores)
   [emd_k2_snr]="500|--num-langevin-steps 2 --z-step snr --gamma-z 0.175 --weighting none"
-  # the preset's eps-only chain with the oracle's weighting
-  [emd_k2_none]="600|--num-langevin-steps 2 --gamma-z 0.0 --weighting none"
 )
 if [[ "${1:-}" == "--print" ]]; then
   for name in "${!POINTS[@]}"; do echo "$name: --iterations ${POINTS[$name]%%|*} ${POINTS[$name]#*|}"; done
