@@ -72,3 +72,17 @@ def test_shape_fidelity_sits_beside_accuracy_in_the_report():
     report = toy_report(real_source, n=48, diversity_images=16, diversity_prompts=0)
     assert report["mode_coverage"] is None  # no teacher given
     assert report["shape_fidelity"]["mean"] > 0.97 and report["shape_fidelity"]["where_shape_correct"] > 0.97
+
+
+def test_student_and_teacher_samples_draw_different_noise():
+    seen = {}
+
+    def source(name):
+        def generate(prompts, seed):
+            seen[name] = seed
+            return real_source(prompts, seed)
+        return generate
+
+    report = modes.coverage_report(source("student"), source("teacher"), prompts=("a circle",), n=8, seed=3)
+    assert seen == {"student": 3, "teacher": 3 + modes.TEACHER_SEED_OFFSET}
+    assert report["prompts"]["a circle"]["n_student"] == report["prompts"]["a circle"]["n_teacher"] == 8

@@ -122,16 +122,22 @@ UNDERSPECIFIED_PROMPTS = (
 )
 
 
+TEACHER_SEED_OFFSET = 1_000_003  # the teacher's samples draw other noise than the student's: independent samples
+
+
 def coverage_report(student_images, teacher_images, prompts=UNDERSPECIFIED_PROMPTS, n: int = 384, seed: int = 0,
                     classifier=None) -> dict:
     """`mode_coverage` of a student against its teacher on each of `prompts` (n samples each), and their mean.
 
     student_images / teacher_images: (prompts, seed) -> images in [-1, 1]; each is called once with every prompt
-    repeated n times. The mean's standard errors combine the prompts' as independent: sqrt(sum se^2) / P.
+    repeated n times, the student with `seed` and the teacher with seed + TEACHER_SEED_OFFSET (the bootstrap
+    assumes independent samples; a student and a teacher fed the same noise can correlate). The mean's standard
+    errors combine the prompts' as independent: sqrt(sum se^2) / P.
     """
     batch = [p for p in prompts for _ in range(n)]
-    labels = {name: attribute_labels(source(batch, seed), classifier).reshape(len(prompts), n, -1)
-              for name, source in (("student", student_images), ("teacher", teacher_images))}
+    labels = {name: attribute_labels(source(batch, seed + offset), classifier).reshape(len(prompts), n, -1)
+              for name, source, offset in (("student", student_images, 0),
+                                           ("teacher", teacher_images, TEACHER_SEED_OFFSET))}
     per_prompt = {p: mode_coverage(labels["student"][i], labels["teacher"][i], seed) for i, p in enumerate(prompts)}
     mean = {}
     for key in ("tv", "modes_recalled", "entropy_ratio", "tv_floor"):
