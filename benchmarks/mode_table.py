@@ -64,12 +64,32 @@ def per_prompt(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+QUALITY = {  # the columns of the toy quality table (docs/BENCHMARKS.md), mean over seeds
+    "colour": lambda o: o["prompt_accuracy"]["colour"],
+    "shape": lambda o: o["prompt_accuracy"]["shape"],
+    "background": lambda o: o["prompt_accuracy"]["background"],
+    "all three": lambda o: o["prompt_accuracy"]["all"],
+    "diversity 1 x 64": lambda o: o["diversity_ratio"]["mean"],
+    "diversity 3 x 192": lambda o: o["diversity"]["mean"],
+    "Frechet to real": lambda o: o["frechet_distance_to_real"],
+}
+
+
+def quality(runs: dict[str, list[dict]]) -> str:
+    lines = ["| point | seeds | " + " | ".join(QUALITY) + " |", "|---" * (len(QUALITY) + 2) + "|"]
+    for name, reports in runs.items():
+        means = [np.mean([get(r["one_step"]) for r in reports]) for get in QUALITY.values()]
+        lines.append(f"| {name} | {len(reports)} | " + " | ".join(f"{m:.3f}" if m < 10 else f"{m:.1f}"
+                                                                   for m in means) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", nargs="+", default=None)
     args = parser.parse_args()
     runs = load(args.points)
-    print(table(runs) + "\n\nTV per prompt:\n\n" + per_prompt(runs))
+    print(table(runs) + "\n\nTV per prompt:\n\n" + per_prompt(runs) + "\n\nQuality:\n\n" + quality(runs))
 
 
 if __name__ == "__main__":

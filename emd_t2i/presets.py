@@ -29,7 +29,7 @@ IO_TARGET_MODULES = DEFAULT_TARGET_MODULES + ("conv_in", "conv_out", "conv", "li
 # that headroom into diversity (0.951 / 0.789 in the sweep). Every sweep point ran in fp32, so the toy pins
 # mixed_precision "no" (it was the global default then) rather than follow "auto" into bf16 on a GPU.
 # Issue 17 (BENCHMARKS.md, "DMD vs EMD at equal wall-clock", on the partial-caption teacher): chains with the snr z
-# step (K = 2, 4, 8) covered the teacher's modes better but lost 6-12 points of full-prompt accuracy at the same
+# step (K = 2, 4, 8) covered the teacher's modes better but lost 7-13 points of full-prompt accuracy at the same
 # wall-clock; this eps-only chain kept the accuracy, so it stays the toy's EMD setting.
 TOY = {
     "iterations": 600, "batch_size": 32, "generator_lr": 2e-3, "fake_lr": 1e-3, "lr_schedule": "cosine",
