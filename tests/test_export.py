@@ -14,6 +14,7 @@ import torch
 from diffusers import DDIMScheduler
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny import randomize_lora
 
 from emd_t2i.checkpoint import GENERATOR_EMA, save_checkpoint
 from emd_t2i.config import DEFAULT_TARGET_MODULES, DistillConfig
@@ -51,9 +52,7 @@ def _random_roles(teacher_dir: Path, seed: int):
     teacher = load_teacher(str(teacher_dir), load_vae=False)
     add_roles(teacher.unet, RANK, RANK, DEFAULT_TARGET_MODULES)
     rng = torch.Generator().manual_seed(seed)
-    for name, param in teacher.unet.named_parameters():
-        if "lora_" in name:  # B = 0 at init would hide every export bug: make both factors non-zero
-            param.data = 0.1 * torch.randn(param.shape, generator=rng)
+    randomize_lora(teacher.unet, rng, 0.1)  # B = 0 at init would hide every export bug
     return teacher
 
 

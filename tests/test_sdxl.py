@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from test_export import LATENT_ATOL, PIXEL_ATOL, RANK
-from tiny import TINY_SDXL_POOLED
+from tiny import TINY_SDXL_POOLED, randomize_lora
 from typer.testing import CliRunner
 
 from emd_t2i import checkpoint as ckpt
@@ -51,9 +51,7 @@ def test_conditioning_is_the_pipelines_in_every_role_and_in_guidance(tiny_sdxl_t
 
     add_roles(teacher.unet, RANK, RANK, DEFAULT_TARGET_MODULES)
     rng = torch.Generator().manual_seed(0)
-    for name, param in teacher.unet.named_parameters():
-        if "lora_" in name:
-            param.data = 0.05 * torch.randn(param.shape, generator=rng)
+    randomize_lora(teacher.unet, rng, 0.05)
     roles = Roles(teacher.unet, teacher.alphas_cumprod, teacher.prediction_type, 999, guidance_scale=3.0)
     x, t = torch.randn(2, 4, 8, 8, generator=rng), torch.tensor([100, 700])
 
@@ -103,9 +101,7 @@ def test_checkpointing_gives_the_same_sdxl_gradient(tiny_sdxl_teacher_dir):
         torch.manual_seed(0)
         add_roles(teacher.unet, RANK, RANK, DEFAULT_TARGET_MODULES)
         rng = torch.Generator().manual_seed(1)
-        for name, param in teacher.unet.named_parameters():
-            if "lora_" in name:
-                param.data = 0.05 * torch.randn(param.shape, generator=rng)
+        randomize_lora(teacher.unet, rng, 0.05)
         roles = Roles(teacher.unet, teacher.alphas_cumprod, teacher.prediction_type, 399, guidance_scale=3.0)
         if checkpointing:
             roles.enable_gradient_checkpointing()

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from test_export import LATENT_ATOL, PIXEL_ATOL, RANK
+from tiny import randomize_lora
 from typer.testing import CliRunner
 
 from emd_t2i import checkpoint as ckpt
@@ -63,9 +64,7 @@ def test_a_v_model_and_its_eps_equivalent_give_the_same_emd_gradient(tiny_teache
     teacher = load_teacher(str(tiny_teacher_dir), load_vae=False)
     add_roles(teacher.unet, RANK, RANK, DEFAULT_TARGET_MODULES)
     rng = torch.Generator().manual_seed(0)
-    for name, param in teacher.unet.named_parameters():
-        if "lora_" in name:  # non-zero adapters: the three roles differ
-            param.data = 0.05 * torch.randn(param.shape, generator=rng)
+    randomize_lora(teacher.unet, rng, 0.05)  # non-zero adapters: the three roles differ
     cond = torch.randn(2, 77, teacher.cross_attention_dim, generator=rng)
     uncond = torch.randn(1, 77, teacher.cross_attention_dim, generator=rng).expand_as(cond)
     settings = EMDSettings(num_steps=2, gamma_eps=0.5, gamma_z=0.1, t_min=20, t_max=980)

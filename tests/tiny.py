@@ -30,6 +30,14 @@ def tiny_unet() -> UNet2DConditionModel:
     )
 
 
+def randomize_lora(unet, rng: torch.Generator, scale: float) -> None:
+    """Both LoRA factors of every adapter to scale * N(0, 1) from `rng` (B = 0 at init would make every role the
+    teacher and hide bugs that tell them apart)."""
+    for name, param in unet.named_parameters():
+        if "lora_" in name:
+            param.data = scale * torch.randn(param.shape, generator=rng)
+
+
 def tiny_vae() -> AutoencoderKL:
     return AutoencoderKL(
         block_out_channels=(8, 16),
