@@ -17,22 +17,28 @@ from emd_t2i.evaluate import one_step_images, teacher_images
 from emd_t2i.toy.modes import coverage_report
 
 
+def cached(source):
+    images = {}
+
+    def generate(batch, seed):
+        key = (seed, tuple(batch))
+        if key not in images:
+            images[key] = source(batch, seed)
+        return images[key]
+
+    return generate
+
+
 def main(paths: list[str]) -> None:
     torch.set_num_threads(1)
-    cache: dict[tuple, torch.Tensor] = {}
+    teachers = {}  # guidance -> the teacher as an image source that samples each (batch, seed) once
     for path in map(Path, paths):
         result = json.loads(path.read_text())
         guidance = result["config"]["guidance_scale"]
-        source = teacher_images(guidance)
-
-        def teacher(batch, seed, guidance=guidance, source=source):
-            key = (guidance, seed, tuple(batch))
-            if key not in cache:
-                cache[key] = source(batch, seed)
-            return cache[key]
-
+        if guidance not in teachers:
+            teachers[guidance] = cached(teacher_images(guidance))
         export = Path(result["model"])
-        result["one_step"]["mode_coverage"] = coverage_report(one_step_images(export), teacher)
+        result["one_step"]["mode_coverage"] = coverage_report(one_step_images(export), teachers[guidance])
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(path.name, round(result["one_step"]["mode_coverage"]["mean"]["tv"], 3), flush=True)
 

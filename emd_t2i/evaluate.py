@@ -82,7 +82,10 @@ def one_step_images(model: Path, device: str = "cpu") -> ImagesFn:
     return generate
 
 
-def teacher_images(guidance: float, device: str = "cpu", steps: int = 25) -> ImagesFn:
+TOY_TEACHER_STEPS = 25  # the toy teacher's reference sampler for mode coverage (issue 17)
+
+
+def teacher_images(guidance: float, device: str = "cpu", steps: int = TOY_TEACHER_STEPS) -> ImagesFn:
     """The shipped toy teacher as an image source: `steps` DDIM steps at the student's guidance."""
     from .toy.metrics import load_teacher, sample_teacher
 
@@ -115,7 +118,7 @@ def evaluate_export(model: str | Path | None, n: int = EVAL_PROMPTS, device: str
     guidance = facts.get("guidance_scale")
     report = {"model": str(root), "one_step": toy_report(one_step_images(root, device), n=n,
                                                          teacher=teacher_images(guidance, device)),
-              "coverage_teacher": {"steps": 25, "guidance": guidance}}
+              "coverage_teacher": {"steps": TOY_TEACHER_STEPS, "guidance": guidance}}
     run_dir = root.parent if (root.parent / "config.json").exists() else root
     write_text_atomic(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
     return report

@@ -149,13 +149,13 @@ def coverage_report(student_images, teacher_images, prompts=UNDERSPECIFIED_PROMP
     return {"n_per_prompt": n, "seed": seed, "mean": mean, "prompts": per_prompt}
 
 
-def fidelity_report(images: Tensor, prompts: list[str], classifier=None) -> dict:
+def fidelity_report(images: Tensor, prompts: list[str], classifier=None, soft: bool = False) -> dict:
     """Shape fidelity (`shape_fidelity`, of the classified shape) of images of full prompts: the mean with its
     standard error, and the mean over the images whose shape the classifier reads as the prompt's."""
     from emd_t2i.toy.metrics import predict
 
     predicted = predict(images, classifier)["shape"].cpu()
-    fidelity = shape_fidelity(images, predicted)
+    fidelity = shape_fidelity(images, predicted, soft=soft)
     wanted = torch.tensor([-1 if s is None else s for s in (domain.parse_prompt(p)[0] for p in prompts)])
     correct = predicted == wanted
     return {"mean": float(fidelity.mean()), "se": float(fidelity.std() / len(fidelity) ** 0.5),
@@ -287,12 +287,11 @@ def reference(n: int = 240, guidance: float = 4.0, seed: int = 0, coverage_guida
                "teacher 1 step": sample_teacher(pipe, prompts, 1, guidance, seed)}
     out = {"n": n, "guidance": guidance, "shape": {}}
     for name, images in sources.items():
-        predicted = predict(images)["shape"]
-        out["shape"][name] = {"accuracy": float((predicted == wanted).float().mean())}
+        out["shape"][name] = {"accuracy": float((predict(images)["shape"] == wanted).float().mean())}
         for kind, soft in (("fidelity", False), ("soft_fidelity", True)):
-            fidelity = shape_fidelity(images, predicted, soft=soft)
-            out["shape"][name].update({kind: float(fidelity.mean()), f"{kind}_se": float(fidelity.std() / n**0.5),
-                                       f"{kind}_where_correct": float(fidelity[predicted == wanted].mean())})
+            report = fidelity_report(images, prompts, soft=soft)
+            out["shape"][name].update({kind: report["mean"], f"{kind}_se": report["se"],
+                                       f"{kind}_where_correct": report["where_shape_correct"]})
 
     def teacher_source(steps: int, offset: int):
         return lambda batch, s: sample_teacher(pipe, batch, steps, coverage_guidance, s + offset)
