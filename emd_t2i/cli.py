@@ -73,6 +73,7 @@ def distill(
     gamma_eps: Annotated[float | None, opt("gamma_eps", EMD)] = None,
     gamma_z: Annotated[float | None, opt("gamma_z", EMD)] = None,
     z_step: Annotated[str | None, opt("z_step", EMD)] = None,
+    jacobian_every: Annotated[int | None, opt("jacobian_every", EMD)] = None,
     noise_cancellation: Annotated[bool | None, opt("noise_cancellation", EMD)] = None,
     cancel_initial_noise: Annotated[bool | None, opt("cancel_initial_noise", EMD)] = None,
     t_star: Annotated[int | None, opt("t_star", EMD)] = None,

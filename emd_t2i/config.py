@@ -13,8 +13,8 @@ from .files import write_text_atomic
 from .presets import DEFAULT_TARGET_MODULES, PRESETS, preset_name
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
-WEIGHTINGS = ("dmd", "none")
-Z_STEPS = ("constant", "snr")  # emd.Z_STEPS (config.py imports no torch)
+WEIGHTINGS = ("dmd", "dmd-t", "none")  # emd.WEIGHTINGS (config.py imports no torch)
+Z_STEPS = ("constant", "snr", "jacobian")  # emd.Z_STEPS
 LR_SCHEDULES = ("constant", "cosine")
 REPORT_TO = ("none", "tensorboard", "wandb")
 # Prompts of a toy evaluation (`emd-t2i eval`, benchmarks): prompt accuracy to about +-0.01 (+-0.019 at 240).
@@ -50,8 +50,11 @@ class DistillConfig:
     num_langevin_steps: int = _opt("K, Langevin steps of the E-step", default=4)
     gamma_eps: float = _opt("step size of the eps chain (L1)", default=0.5)
     gamma_z: float = _opt("step size of the z chain (L2); 0 keeps z fixed", default=0.03)
-    z_step: str = _opt("z step per t: constant (gamma_z) | snr (gamma_z / (1 + alpha_t^2 / sigma_t^2), stable at "
-                       "small t)", default="constant")
+    z_step: str = _opt("z step per t: constant (gamma_z) | snr (gamma_z / (1 + alpha_t^2 / sigma_t^2)) | jacobian "
+                       "(gamma_z / (1 + (alpha_t / sigma_t)^2 |J|^2), |J| the generator's measured Jacobian norm: "
+                       "gamma_z is then the step relative to the stability limit at every t)", default="constant")
+    jacobian_every: int = _opt("iterations between measurements of the generator's Jacobian norm |J| (--z-step "
+                               "jacobian; logged as jacobian_norm)", default=100)
     noise_cancellation: bool = _opt("remove the injected eps-chain noise (NC1, NC2)", default=True)
     cancel_initial_noise: bool = _opt("with noise cancellation, also cancel the rest of eps_0 (NC0)",
                                       default=True)
@@ -59,7 +62,8 @@ class DistillConfig:
     t_min: int = _opt("smallest E-step timestep", default=20)
     t_max: int = _opt("largest E-step timestep", default=980)
     guidance_scale: float = _opt("classifier-free guidance w of the teacher (C1)", default=4.5)
-    weighting: str = _opt("M-step weighting w(t): dmd | none (M1)", default="dmd")
+    weighting: str = _opt("M-step weighting w(t) (M1): dmd (DMD's per-sample normaliser) | dmd-t (its running mean "
+                          "per t bin: a weight of t alone) | none", default="dmd")
     fake_updates: int = _opt("fake-score updates (F1) per generator update", default=5)
     # --- optimisation
     iterations: int = _opt("generator updates in total", default=4000)
@@ -130,7 +134,7 @@ def flag(name: str) -> str:
 
 def _problems(c: DistillConfig):
     positive = ("num_langevin_steps", "iterations", "batch_size", "generator_rank", "fake_rank", "grad_accum",
-                "log_every", "checkpoint_every", "keep_checkpoints", "fake_updates", "embedding_cache")
+                "log_every", "checkpoint_every", "keep_checkpoints", "fake_updates", "embedding_cache", "jacobian_every")
     for name in positive:
         if getattr(c, name) < 1:
             yield f"{flag(name)} must be >= 1 (got {getattr(c, name)})"

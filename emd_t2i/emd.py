@@ -19,9 +19,10 @@ from .schedule import alpha_sigma, x0_from_eps
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> eps
 GeneratorFn = Callable[[Tensor], Tensor]  # z -> x0
-Weighting = Literal["dmd", "none"]
-ZStep = Literal["constant", "snr"]
-Z_STEPS: tuple[str, ...] = ("constant", "snr")
+Weighting = Literal["dmd", "dmd-t", "none"]
+WEIGHTINGS: tuple[str, ...] = ("dmd", "dmd-t", "none")
+ZStep = Literal["constant", "snr", "jacobian"]
+Z_STEPS: tuple[str, ...] = ("constant", "snr", "jacobian")
 
 
 # ---------------------------------------------------------------- the roles' parameterisations
@@ -52,21 +53,52 @@ def langevin_step(x: Tensor, grad: Tensor, gamma: float | Tensor, noise: Tensor)
     return x + 0.5 * gamma * grad + root * noise
 
 
-def z_step_size(gamma_z: float, alpha_t: Tensor, sigma_t: Tensor, rule: ZStep = "constant") -> float | Tensor:
-    """The (L2) step at each sample's t: gamma_z ("constant"), or gamma_z / (1 + alpha_t^2 / sigma_t^2) ("snr").
+def z_step_size(gamma_z: float, alpha_t: Tensor, sigma_t: Tensor, rule: ZStep = "constant",
+                jacobian_norm: float | None = None) -> float | Tensor:
+    """The (L2) step at each sample's t: gamma_z ("constant"), gamma_z / (1 + alpha_t^2 / sigma_t^2) ("snr"), or
+    gamma_z / (1 + (alpha_t / sigma_t)^2 |J|^2) ("jacobian", |J| the generator's measured Jacobian norm).
 
-    Why "snr" (docs/ALGORITHM.md, "A t-dependent z step"): differentiating (E2), the z-target's curvature is
+    Why (docs/ALGORITHM.md, "The z step"): differentiating (E2), the z-target's curvature is
     1 + alpha_t^2 J^T (grad_x s_theta - grad_x s_T) J, and the score Jacobian of a noised density is bounded by
-    1 / sigma_t^2, reached where the teacher is sharp; so the curvature is up to 1 + (alpha_t / sigma_t)^2 |J|^2
-    (on the oracle 15 at t = 20, 96 with modes of sd 0.15, 1 near t = 980) and a scalar step that is stable at small
-    t barely moves z at large t (finding 7). Dividing by 1 + SNR_t bounds gamma(t) * curvature by
-    gamma_z max(1, |J|^2) at every t, so the contraction per step is about the same across t. On the VP schedule
-    1 / (1 + alpha^2 / sigma^2) = sigma_t^2. Shaped like sigma_t (B, 1, ...), to broadcast over each sample.
+    1 / sigma_t^2, reached where the teacher is sharp; so the curvature is at most 1 + (alpha_t / sigma_t)^2 |J|^2.
+    A scalar step that is stable at small t barely moves z at large t. "jacobian" divides by that bound, so
+    gamma(t) * curvature <= gamma_z at every t, for every teacher and generator: gamma_z is then a step relative
+    to the stability limit (about 4). "snr" leaves |J| out (gamma(t) * curvature <= gamma_z max(1, |J|^2)); on the
+    VP schedule 1 / (1 + alpha^2 / sigma^2) = sigma_t^2. Shaped like sigma_t (B, 1, ...), to broadcast per sample.
     """
     if rule == "constant":
         return gamma_z
-    assert rule == "snr", rule
-    return gamma_z * sigma_t**2 / (alpha_t**2 + sigma_t**2)
+    if rule == "snr":
+        return gamma_z * sigma_t**2 / (alpha_t**2 + sigma_t**2)
+    assert rule == "jacobian" and jacobian_norm is not None, (rule, jacobian_norm)
+    return gamma_z / (1 + (alpha_t / sigma_t) ** 2 * jacobian_norm**2)
+
+
+def generator_jacobian_norm(generator: GeneratorFn, z: Tensor, iterations: int = 8, h: float = 1e-2,
+                            rng: torch.Generator | None = None) -> Tensor:
+    """|J_g(z)| per sample, (B,): the largest singular value of the generator's Jacobian, by power iteration on
+    J^T J. J v is a central difference (forward calls only, so it runs where double backward does not, e.g. fused
+    attention kernels), J^T u one vector-Jacobian product through the graph of g(z), built once. `h` is the
+    difference step per element of z (rms); the estimate rises toward |J| with the iterations (a lower bound)."""
+    batch, dims = z.shape[0], tuple(range(1, z.ndim))
+
+    def unit(v: Tensor) -> Tensor:
+        return v / v.pow(2).sum(dims, keepdim=True).sqrt().clamp_min(1e-30)
+
+    size = math.prod(z.shape[1:]) ** 0.5
+    v = unit(torch.randn(z.shape, generator=rng, dtype=z.dtype).to(z.device))
+    with torch.enable_grad():
+        z_leaf = z.detach().requires_grad_(True)
+        x0 = generator(z_leaf)
+    norm = torch.zeros(batch, dtype=torch.float64, device=z.device)
+    for _ in range(iterations):
+        with torch.no_grad():
+            step = h * size * v  # rms h per element
+            jv = (generator(z + step) - generator(z - step)) / (2 * h * size)
+        norm = jv.double().pow(2).sum(dims).sqrt()
+        (jtjv,) = torch.autograd.grad(x0, z_leaf, grad_outputs=jv.to(x0.dtype), retain_graph=True)
+        v = unit(jtjv.detach().to(z.dtype))
+    return norm
 
 
 def injected_noise_step(nu: Tensor, gamma_eps: float, noise: Tensor) -> Tensor:
@@ -107,7 +139,7 @@ class EMDSettings:
     def __post_init__(self):
         assert self.num_steps >= 1 and self.gamma_eps >= 0 and self.gamma_z >= 0, self
         assert 0 <= self.t_min <= self.t_max, self
-        assert self.z_step in Z_STEPS, self
+        assert self.z_step in Z_STEPS and self.weighting in WEIGHTINGS, self
 
     @property
     def moves_z(self) -> bool:
@@ -161,20 +193,22 @@ def e_step(
     draws: Draws,
     settings: EMDSettings,
     x0_initial: Tensor | None = None,
+    jacobian_norm: float | None = None,
 ) -> EStepResult:
     """Reparametrised Langevin on (eps, z) toward pi_t (E0), K steps of (E1, E2, L1, L2, NC1).
 
     Teacher and fake-score calls keep no graph. The generator keeps a graph only w.r.t. z, and only when
     gamma_z > 0; with gamma_z = 0 z never moves, so g(z_0) is computed once (or taken from `x0_initial`).
     `settings.cancel_initial_noise` starts (NC1) from nu_0 = eps_0 instead of 0 (docs/ALGORITHM.md, "NC0").
-    The E- and z-updates are simultaneous: both use delta at the current (eps_k, z_k).
+    The E- and z-updates are simultaneous: both use delta at the current (eps_k, z_k). `jacobian_norm` is the
+    generator's |J| for z_step "jacobian" (`generator_jacobian_norm`, refreshed by the caller).
     """
     s = settings
     t = draws.t
     alpha_t, sigma_t = alpha_sigma(alphas_cumprod, t, like=draws.eps0)
     z, eps = draws.z0, draws.eps0
     nu = initial_noise(eps, s.noise_cancellation and s.cancel_initial_noise)
-    gamma_z = z_step_size(s.gamma_z, alpha_t, sigma_t, s.z_step)
+    gamma_z = z_step_size(s.gamma_z, alpha_t, sigma_t, s.z_step, jacobian_norm)
     x0 = first_x0 = x0_initial
     for k in range(s.num_steps):
         if s.moves_z:
@@ -208,10 +242,49 @@ def e_step(
 
 
 # ---------------------------------------------------------------- M-step and fake score
+def dmd_error(x0: Tensor, x0_hat_teacher: Tensor) -> Tensor:
+    """mean |x0 - x0_hat_T| per sample, (B,): the error DMD's normaliser divides by."""
+    dims = tuple(range(1, x0.ndim))
+    return (x0.detach() - x0_hat_teacher.detach()).abs().mean(dim=dims)
+
+
 def dmd_weight(x0: Tensor, x0_hat_teacher: Tensor) -> Tensor:
     """DMD's per-sample normaliser w = 1 / mean|x0 - x0_hat_T| (stop-gradient), shaped (B,)."""
-    dims = tuple(range(1, x0.ndim))
-    return 1.0 / (x0.detach() - x0_hat_teacher.detach()).abs().mean(dim=dims).clamp_min(1e-8)
+    return 1.0 / dmd_error(x0, x0_hat_teacher).clamp_min(1e-8)
+
+
+# Weighting "dmd-t": DMD's normaliser averaged over the samples of each t bin, so that w depends on t alone and
+# any positive w(t) keeps the fixed point of (M1) (the per-sample "dmd" weight does not once K > 1: it depends on
+# the eps the teacher saw). The table is the run's state: a running mean of dmd_error per bin, NaN where empty.
+TIMESTEP_BINS = 50
+
+
+def timestep_bin(t: Tensor, t_min: int, t_max: int, bins: int = TIMESTEP_BINS) -> Tensor:
+    """The bin of each t in [t_min, t_max], split into `bins` equal ranges."""
+    return ((t.long() - t_min) * bins // (t_max - t_min + 1)).clamp(0, bins - 1)
+
+
+def binned_weight(error_table: Tensor, t_bin: Tensor, error: Tensor) -> Tensor:
+    """w(t) = 1 / (running mean of dmd_error in t's bin); a sample whose bin has no mean yet gets 1 / its own."""
+    mean = error_table.to(device=error.device, dtype=torch.float64)[t_bin.to(error.device)]
+    return 1.0 / torch.where(torch.isnan(mean), error.double(), mean).clamp_min(1e-8)
+
+
+def bin_sums(t_bin: Tensor, error: Tensor, bins: int = TIMESTEP_BINS) -> tuple[Tensor, Tensor]:
+    """(sum of dmd_error, number of samples) per bin, float64 on the CPU: what processes add up before an update."""
+    t_bin, error = t_bin.cpu(), error.detach().double().cpu()
+    sums = torch.zeros(bins, dtype=torch.float64).index_add_(0, t_bin, error)
+    return sums, torch.bincount(t_bin, minlength=bins).double()
+
+
+def update_error_table(table: Tensor, sums: Tensor, counts: Tensor, decay: float = 0.98) -> Tensor:
+    """The running mean per bin after a batch: each of a bin's n new samples decays the old mean by `decay`
+    (so the mean spans about 1 / (1 - decay) samples of that bin, whatever the batch size); an empty bin takes the
+    batch's mean."""
+    seen = counts > 0
+    mean = torch.where(seen, sums / counts.clamp_min(1), table)
+    keep = decay**counts
+    return torch.where(seen & ~torch.isnan(table), keep * table + (1 - keep) * mean, mean)
 
 
 def m_step_loss(x0: Tensor, eps_tilde: Tensor, alpha_t: Tensor, sigma_t: Tensor, weight: Tensor) -> Tensor:
@@ -245,6 +318,7 @@ class GeneratorStep:
     x0_sample: Tensor  # detached g(z_0), z_0 ~ N(0, I), for the fake-score update
     weight_mean: float
     eps_tilde_rms: float
+    error: Tensor  # dmd_error per sample (B,), detached: what the "dmd-t" table is updated with
 
 
 def generator_step(
@@ -254,15 +328,22 @@ def generator_step(
     alphas_cumprod: Tensor,
     draws: Draws,
     settings: EMDSettings,
+    jacobian_norm: float | None = None,
+    error_table: Tensor | None = None,
 ) -> GeneratorStep:
     """E-step then the (M1) loss. With gamma_z = 0, z_K = z_0, so the one generator forward that carries the
-    M-step graph also serves the whole E-step: (3K + 1) B forward rows instead of (4K + 1) B."""
+    M-step graph also serves the whole E-step: (3K + 1) B forward rows instead of (4K + 1) B. `error_table` is the
+    running per-bin mean of dmd_error for weighting "dmd-t" (None: every sample uses its own, as "dmd")."""
     x0_with_graph = None if settings.moves_z else generator(draws.z0)
     result = e_step(generator, teacher_eps, fake_eps, alphas_cumprod, draws, settings,
-                    x0_initial=None if x0_with_graph is None else x0_with_graph.detach())
+                    x0_initial=None if x0_with_graph is None else x0_with_graph.detach(), jacobian_norm=jacobian_norm)
     x0 = generator(result.z) if x0_with_graph is None else x0_with_graph
+    error = dmd_error(result.x0_last, result.x0_hat_teacher_last)
     if settings.weighting == "dmd":
-        weight = dmd_weight(result.x0_last, result.x0_hat_teacher_last)
+        weight = 1.0 / error.clamp_min(1e-8)  # dmd_weight
+    elif settings.weighting == "dmd-t":
+        table = torch.full((TIMESTEP_BINS,), float("nan"), dtype=torch.float64) if error_table is None else error_table
+        weight = binned_weight(table, timestep_bin(draws.t, settings.t_min, settings.t_max), error)
     else:
         weight = torch.ones(x0.shape[0], device=x0.device)
     alpha_t, sigma_t = alpha_sigma(alphas_cumprod, draws.t, like=x0)
@@ -272,6 +353,7 @@ def generator_step(
         x0_sample=result.x0_initial,
         weight_mean=float(weight.mean()),
         eps_tilde_rms=float(result.eps_tilde.float().pow(2).mean().sqrt()),
+        error=error,
     )
 
 

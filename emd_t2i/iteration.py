@@ -11,7 +11,18 @@ import numpy as np
 import torch
 
 from .config import DistillConfig
-from .emd import Draws, draw, fake_score_step, generator_step, sample_timesteps
+from .emd import (
+    TIMESTEP_BINS,
+    Draws,
+    bin_sums,
+    draw,
+    fake_score_step,
+    generator_jacobian_norm,
+    generator_step,
+    sample_timesteps,
+    timestep_bin,
+    update_error_table,
+)
 from .optim import optimizer_step
 from .profiling import UNetClock
 
@@ -109,20 +120,50 @@ def generator_update(run, cfg, settings, batch: Batch, alphas_cumprod, autocast,
     """E-step and M-step (M1) over the micro-batches, then one optimizer step; returns each micro-batch's
     g(z_0) for the first fake-score update."""
     roles, size, x0_samples = run.roles, cfg.batch_size, []
+    sums = counts = torch.zeros(TIMESTEP_BINS, dtype=torch.float64)
     for i in range(cfg.grad_accum):
         rows = batch.micro(i, size)
         generator, teacher_eps, fake_eps = roles.bind(batch.cond[rows], batch.uncond[rows])
+        draws = batch.draws.rows(rows.start, rows.stop)
         with autocast():
-            g = generator_step(generator, teacher_eps, fake_eps, alphas_cumprod,
-                               batch.draws.rows(rows.start, rows.stop), settings)
+            g = generator_step(generator, teacher_eps, fake_eps, alphas_cumprod, draws, settings,
+                               jacobian_norm=run.jacobian_norm, error_table=run.error_table)
         run.scaler_generator.scale(g.loss / cfg.grad_accum).backward()
         x0_samples.append(g.x0_sample)
         stats["loss_generator"] += g.loss.item() / cfg.grad_accum
         stats["weight"] += g.weight_mean / cfg.grad_accum
         stats["eps_tilde_rms"] += g.eps_tilde_rms / cfg.grad_accum
+        if settings.weighting == "dmd-t":
+            batch_sums, batch_counts = bin_sums(timestep_bin(draws.t, settings.t_min, settings.t_max), g.error)
+            sums, counts = sums + batch_sums, counts + batch_counts
     stats["grad_norm_generator"] = optimizer_step(run.opt_generator, run.scaler_generator, run.generator_params(),
                                                   cfg.max_grad_norm, world)
+    if settings.weighting == "dmd-t":  # the table is updated with the whole global batch, after its step
+        if world > 1:
+            both = torch.stack([sums, counts]).to(batch.cond.device)
+            torch.distributed.all_reduce(both)
+            sums, counts = both.cpu()
+        table = run.error_table if run.error_table is not None else torch.full_like(sums, float("nan"))
+        run.error_table = update_error_table(table, sums, counts)
     return x0_samples
+
+
+JACOBIAN_SAMPLES = 4  # generator samples whose |J| is measured (the largest is used)
+
+
+def measure_jacobian_norm(run, cfg, prompts, cache, latent_shape, world: int, device, autocast) -> float:
+    """The generator's Jacobian norm |J| (emd.generator_jacobian_norm) at z ~ N(0, I) for the first prompts of this
+    step's global batch: the same inputs on every process, so every process gets the same number."""
+    rows = range(JACOBIAN_SAMPLES)
+    cond = cache.get(batch_prompts(prompts, cfg.seed, run.step, rows, cfg.batch_size * cfg.grad_accum * world),
+                     device=device)
+    rng = sample_rng(cfg.seed, run.step, 2**32)  # a stream no sample of the batch uses
+    z = torch.randn((len(rows), *latent_shape), generator=rng).to(device)
+    generator = functools.partial(run.roles.generator, cond=cond)
+    with autocast():
+        norms = generator_jacobian_norm(generator, z, rng=rng)
+    run.roles.activate(None)
+    return float(norms.max())
 
 
 def fake_score_updates(run, cfg, batch: Batch, x0_samples, alphas_cumprod, autocast, world: int, stats):

@@ -37,6 +37,8 @@ class Mixture:
 SYMMETRIC = Mixture()
 ASYMMETRIC = Mixture((0.3, 0.7), (-1.0, 2.5), (0.4, 0.8))
 SHARP = Mixture((0.5, 0.5), (-2.0, 2.0), (0.15, 0.15))
+# A minority mode a fifth of the mass, narrower and 3.5 sd of the majority away: what a mode-seeking fit drops first.
+MINORITY = Mixture((0.2, 0.8), (-2.5, 1.0), (0.3, 0.6))
 
 
 def _tensors(mix: Mixture, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -107,12 +109,31 @@ class Oracle:
 Chain = emd.EMDSettings
 
 
-def step_loss(oracle: Oracle, chain: Chain, batch: int, dim: int, rng: torch.Generator) -> Tensor:
-    """The (M1) loss of one emd.generator_step on the oracle, with a graph to (a, b)."""
+@dataclass
+class RunState:
+    """What a run carries between generator steps: the generator's |J| (z_step "jacobian") and the per-t table of
+    DMD's error (weighting "dmd-t"), both kept as the training loop keeps them."""
+
+    jacobian_norm: float | None = None
+    error_table: Tensor | None = None
+
+
+def step_loss(oracle: Oracle, chain: Chain, batch: int, dim: int, rng: torch.Generator,
+              state: RunState | None = None) -> Tensor:
+    """The (M1) loss of one emd.generator_step on the oracle, with a graph to (a, b); `state` is updated."""
+    state = RunState() if state is None else state
+    if chain.z_step == "jacobian":
+        z = torch.randn((4, dim), generator=rng, dtype=DTYPE)
+        state.jacobian_norm = float(emd.generator_jacobian_norm(oracle.generator, z, rng=rng).max())
     draws = emd.draw(chain, (batch, dim), rng, dtype=DTYPE)
-    return emd.generator_step(
-        oracle.generator, oracle.teacher_eps, oracle.fake_eps, oracle.alphas_cumprod, draws, chain
-    ).loss
+    step = emd.generator_step(oracle.generator, oracle.teacher_eps, oracle.fake_eps, oracle.alphas_cumprod, draws,
+                              chain, jacobian_norm=state.jacobian_norm, error_table=state.error_table)
+    if chain.weighting == "dmd-t":
+        table = state.error_table if state.error_table is not None else torch.full(
+            (emd.TIMESTEP_BINS,), float("nan"), dtype=torch.float64)
+        sums, counts = emd.bin_sums(emd.timestep_bin(draws.t, chain.t_min, chain.t_max), step.error)
+        state.error_table = emd.update_error_table(table, sums, counts)
+    return step.loss
 
 
 def param_gradient(oracle: Oracle, chain: Chain, batch: int, dim: int, rng: torch.Generator) -> Tensor:
@@ -147,10 +168,10 @@ def fit(
     opt = torch.optim.Adam([oracle.a, oracle.b], lr=lr, betas=(0.9, 0.99))
     # Linear decay to 10% so the last quarter averages a settled fixed point, not Adam's noise ball.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - 0.9 * i / iters)
-    traj = []
+    traj, state = [], RunState()
     for _ in range(iters):
         opt.zero_grad(set_to_none=True)
-        step_loss(oracle, chain, batch, dim, rng).backward()
+        step_loss(oracle, chain, batch, dim, rng, state).backward()
         opt.step()
         sched.step()
         traj.append((float(oracle.a.detach() ** 2), float(oracle.b.detach())))

@@ -23,7 +23,14 @@ from .errors import UserError
 from .files import save_image_atomic, write_text_atomic
 from .images import decode_latents, make_grid, to_pil
 from .interrupt import Interrupted, StopRequest
-from .iteration import Window, fake_score_updates, finite_iteration, generator_update, make_batch
+from .iteration import (
+    Window,
+    fake_score_updates,
+    finite_iteration,
+    generator_update,
+    make_batch,
+    measure_jacobian_norm,
+)
 from .optim import lr_scale, make_scaler
 from .profiling import UNetClock
 from .prompts import distinct_spread, open_prompts, truncate_report
@@ -103,6 +110,8 @@ class Run:
     ema: list[torch.Tensor] | None = None  # EMA of the generator LoRA weights, in adapter_parameters order
     step: int = 0
     bad_steps: int = 0
+    jacobian_norm: float | None = None  # the generator's |J| for --z-step jacobian, refreshed every jacobian_every
+    error_table: torch.Tensor | None = None  # running mean of DMD's error per t bin, for --weighting dmd-t
 
     def generator_params(self) -> list[torch.nn.Parameter]:
         """The generator's LoRA weights, as its optimizer holds them (no walk over the UNet's parameters)."""
@@ -128,8 +137,10 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
 
 
 def emd_settings(cfg: DistillConfig) -> EMDSettings:
-    return EMDSettings(cfg.num_langevin_steps, cfg.gamma_eps, cfg.gamma_z, cfg.noise_cancellation, cfg.weighting,
-                       cfg.cancel_initial_noise, cfg.t_min, cfg.t_max, cfg.z_step)
+    return EMDSettings(num_steps=cfg.num_langevin_steps, gamma_eps=cfg.gamma_eps, gamma_z=cfg.gamma_z,
+                       noise_cancellation=cfg.noise_cancellation, weighting=cfg.weighting,
+                       cancel_initial_noise=cfg.cancel_initial_noise, t_min=cfg.t_min, t_max=cfg.t_max,
+                       z_step=cfg.z_step)
 
 
 def save(run: Run, run_dir: Path, cfg: DistillConfig, accelerator, precision: str) -> Path | None:
@@ -143,6 +154,8 @@ def save(run: Run, run_dir: Path, cfg: DistillConfig, accelerator, precision: st
         "opt_fake": run.opt_fake.state_dict(),
         "scaler_generator": run.scaler_generator.state_dict(),
         "scaler_fake": run.scaler_fake.state_dict(),
+        "jacobian_norm": run.jacobian_norm,
+        "error_table": run.error_table,
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -180,6 +193,7 @@ def resume(run: Run, run_dir: Path, accelerator) -> None:
         run.scaler_generator.load_state_dict(state["scaler_generator"])
         run.scaler_fake.load_state_dict(state["scaler_fake"])
     torch.set_rng_state(state["torch_rng"])
+    run.jacobian_norm, run.error_table = state.get("jacobian_norm"), state.get("error_table")
     run.step = state["step"]
     print(f"resuming from {latest} (iteration {run.step})")
 
@@ -273,6 +287,10 @@ def _distill(cfg: DistillConfig, accelerator, run_dir: Path, stop_after: int | N
                 stats = {"loss_generator": 0.0, "loss_fake": 0.0, "weight": 0.0, "eps_tilde_rms": 0.0,
                          "lr_scale": set_learning_rates(run, cfg)}
                 batch = make_batch(cfg, settings, prompts, cache, latent_shape, run.step, rank, world, device)
+                if settings.z_step == "jacobian" and (run.step % cfg.jacobian_every == 0 or run.jacobian_norm is None):
+                    run.jacobian_norm = measure_jacobian_norm(run, cfg, prompts, cache, latent_shape, world, device,
+                                                              autocast)
+                stats["jacobian_norm"] = run.jacobian_norm
                 x0_samples = generator_update(run, cfg, settings, batch, teacher.alphas_cumprod, autocast, world,
                                               stats)
                 if run.ema is not None:

@@ -103,11 +103,14 @@ def test_the_loop_steps_with_the_same_gradients_with_and_without_checkpointing(
         assert relative_error(ckpt_grads, plain) < 1e-5
 
 
-def test_grad_accum_equals_one_batch_twice_as_big(tiny_teacher_dir, prompt_file, tmp_path, monkeypatch):
+# The run's running estimates (the per-t table of "dmd-t", the |J| of z_step "jacobian") are made from the whole
+# global batch, so they too must not depend on how it is split.
+@pytest.mark.parametrize("estimates", [{}, {"weighting": "dmd-t", "z_step": "jacobian", "jacobian_every": 1}])
+def test_grad_accum_equals_one_batch_twice_as_big(tiny_teacher_dir, prompt_file, tmp_path, monkeypatch, estimates):
     # Without NC0, eps_tilde keeps (1 - gamma/2)^K eps_0 and is O(1). With it, eps_tilde is the small remainder
     # of eps_K - nu_K (rms ~3e-3 here), which turns fp32 summation-order differences between a batch of 4 and
     # two of 2 into ~4e-5 of the M-step gradient: float cancellation, not a different gradient.
-    same = {**LOOP, "cancel_initial_noise": False}
+    same = {**LOOP, "cancel_initial_noise": False, **estimates}
     accumulated = run_grads(monkeypatch, tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "a", batch_size=2,
                                                      grad_accum=2, **same))
     big = run_grads(monkeypatch, tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "b", batch_size=4, **same))

@@ -17,6 +17,7 @@ from emd_t2i import checkpoint as ckpt
 FLAGS = ["--iterations", "2", "--num-langevin-steps", "2", "--gamma-z", "0.1", "--generator-rank", "4",
          "--fake-rank", "4", "--fake-updates", "2", "--validate-every", "0", "--log-every", "1", "--device", "cpu",
          "--max-grad-norm", "0", "--guidance-scale", "2",
+         "--weighting", "dmd-t", "--z-step", "jacobian",  # the per-t table and |J|: made from the global batch
          "--no-cancel-initial-noise"]  # NC0 leaves a small eps_tilde whose float cancellation (1e-4) hides the test
 
 
@@ -54,8 +55,10 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_teacher_dir, pr
     assert (tmp_path / "two" / "export" / "pytorch_lora_weights.safetensors").is_file()
     log = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
-    # 2 processes x batch 2 with rows (4K + 2) B + 2B per extra fake update each; the log counts one process.
-    assert log[0]["unet_rows_per_it"] == (4 * 2 + 2) * 2 + 2 * 2
+    # 2 processes x batch 2 with rows (4K + 2) B + 2B per extra fake update each, plus the |J| measurement at
+    # iteration 0 (4 samples: one forward, then 2 per power iteration); the log counts one process.
+    assert log[0]["unet_rows_per_it"] == (4 * 2 + 2) * 2 + 2 * 2 + 4 * (1 + 2 * 8)
+    assert log[1]["unet_rows_per_it"] == (4 * 2 + 2) * 2 + 2 * 2
 
     a, b = lora_update(tmp_path / "two"), lora_update(tmp_path / "one")
     assert b.norm() > 0

@@ -112,8 +112,11 @@ def test_gamma_z_zero_shares_the_generator_forward(tiny_teacher_dir, prompt_file
     assert record["unet_rows_per_it"] == (3 * 2 + 2) * 2
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_teacher_dir, prompt_file, tmp_path):
-    kept = {"ema_decay": 0.9, "lr_schedule": "cosine"}  # the EMA and the lr curve must survive the resume too
+# The EMA, the lr curve, the per-t table of "dmd-t" and the |J| of z_step "jacobian" (measured at iterations 0 and
+# 3 here, so the resumed run starts with the saved one) must survive the resume too.
+@pytest.mark.parametrize("extra", [{}, {"weighting": "dmd-t", "z_step": "jacobian", "jacobian_every": 3}])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_teacher_dir, prompt_file, tmp_path, extra):
+    kept = {"ema_decay": 0.9, "lr_schedule": "cosine", **extra}
     straight = distill(tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "straight", **kept))
     interrupted = tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "resumed", **kept)
     distill(interrupted, stop_after=2)
@@ -133,6 +136,10 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_teacher_dir, promp
     records = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4], "log lines were lost or duplicated across the resume"
     assert [r["lr_scale"] for r in records] == [lr_scale("cosine", s, 4) for s in range(4)]
+    if extra:
+        assert records[0]["jacobian_norm"] > 0 and sa["error_table"] is not None
+        assert records[1]["jacobian_norm"] == records[2]["jacobian_norm"] != records[3]["jacobian_norm"]
+        assert torch.equal(sa["error_table"].nan_to_num(-1), sb["error_table"].nan_to_num(-1))
 
 
 def test_cosine_lr_falls_from_one_to_zero():

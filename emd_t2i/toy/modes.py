@@ -131,14 +131,19 @@ def coverage_report(student_images, teacher_images, prompts=UNDERSPECIFIED_PROMP
 
     student_images / teacher_images: (prompts, seed) -> images in [-1, 1]; each is called once with every prompt
     repeated n times, the student with `seed` and the teacher with seed + TEACHER_SEED_OFFSET (the bootstrap
-    assumes independent samples; a student and a teacher fed the same noise can correlate). The mean's standard
-    errors combine the prompts' as independent: sqrt(sum se^2) / P.
+    assumes independent samples; a student and a teacher fed the same noise can correlate).
     """
     batch = [p for p in prompts for _ in range(n)]
     labels = {name: attribute_labels(source(batch, seed + offset), classifier).reshape(len(prompts), n, -1)
               for name, source, offset in (("student", student_images, 0),
                                            ("teacher", teacher_images, TEACHER_SEED_OFFSET))}
-    per_prompt = {p: mode_coverage(labels["student"][i], labels["teacher"][i], seed) for i, p in enumerate(prompts)}
+    return coverage_from_labels(labels["student"], labels["teacher"], prompts, seed)
+
+
+def coverage_from_labels(student_labels, teacher_labels, prompts=UNDERSPECIFIED_PROMPTS, seed: int = 0) -> dict:
+    """`mode_coverage` per prompt from labels shaped (prompts, samples, attributes), and the mean over prompts,
+    whose standard errors combine the prompts' as independent: sqrt(sum se^2) / P."""
+    per_prompt = {p: mode_coverage(student_labels[i], teacher_labels[i], seed) for i, p in enumerate(prompts)}
     mean = {}
     for key in ("tv", "modes_recalled", "entropy_ratio", "tv_floor"):
         values = np.array([r[key] for r in per_prompt.values()])
@@ -146,7 +151,7 @@ def coverage_report(student_images, teacher_images, prompts=UNDERSPECIFIED_PROMP
         if f"{key}_se" in next(iter(per_prompt.values())):
             ses = np.array([r[f"{key}_se"] for r in per_prompt.values()])
             mean[f"{key}_se"] = float(np.sqrt(np.nansum(ses**2)) / np.isfinite(values).sum())
-    return {"n_per_prompt": n, "seed": seed, "mean": mean, "prompts": per_prompt}
+    return {"n_per_prompt": len(student_labels[0]), "seed": seed, "mean": mean, "prompts": per_prompt}
 
 
 def fidelity_report(images: Tensor, prompts: list[str], classifier=None, soft: bool = False) -> dict:
