@@ -173,6 +173,7 @@ def main() -> None:
            "n_per_prompt": args.n, "full_prompts": args.full, "gamma_eps": args.gamma_eps,
            "jacobian_norm": {"max": jnorm, "mean": float(jac.mean()), "min": float(jac.min())},
            "generator": measure(probe, z0, prompts, args.n, full, reference), "chains": []}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     print(f"|J| max {jnorm:.3f} mean {float(jac.mean()):.3f}; generator TV {out['generator']['tv']:.3f} "
           f"(floor {out['generator']['tv_floor']:.3f}) acc {out['generator']['accuracy']:.3f}", flush=True)
     for t in args.ts:
@@ -189,13 +190,13 @@ def main() -> None:
                     row = {"t": t, "c": c, "gamma_z": gamma_z, "K": k, "drift_rms": probe.drift_rms,
                            **measure(probe, z, prompts, args.n, full, reference)}
                     out["chains"].append(row)
+                    args.out.write_text(json.dumps(out, indent=1) + "\n")  # kept as it goes: a chain is minutes
                     print(f"t {t} c {c} gamma_z {gamma_z:.4f} K {k}: TV {row['tv']:.3f} +- {row['tv_se']:.3f} "
                           f"recall {row['modes_recalled']:.2f} H {row['entropy_ratio']:.2f} "
                           f"acc {row['accuracy']:.3f} rms z {row['rms_z']:.3f} drift {row['drift_rms']:.2f} "
                           f"({time.time() - start:.0f} s)",
                           flush=True)
     out["seconds"] = round(time.time() - start)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
 
 

@@ -1,8 +1,9 @@
-"""The table of docs/BENCHMARKS.md, "DMD vs EMD at equal wall-clock", from benchmarks/results/mode_study/*.json
-(written by benchmarks/mode_study.sh): one row per point, mean +- standard error over its seeds.
+"""The tables of docs/BENCHMARKS.md's DMD-vs-EMD sections: one row per point, mean +- standard error over its seeds.
 
-    python benchmarks/mode_table.py                      # every point
+    python benchmarks/mode_table.py                      # "at equal wall-clock": benchmarks/results/mode_study
     python benchmarks/mode_table.py --points dmd emd_k8_snr
+    python benchmarks/mode_table.py --results benchmarks/results/study22 --step 2000   # "at equal iterations"
+    python benchmarks/mode_table.py --results benchmarks/results/study22 --curve       # every scored checkpoint
 """
 
 from __future__ import annotations
@@ -29,13 +30,27 @@ COLUMNS = {  # header -> value of one seed's report
 }
 
 
-def load(points: list[str] | None) -> dict[str, list[dict]]:
+def load(points: list[str] | None, results: Path = RESULTS, step: int | None = None) -> dict[str, list[dict]]:
+    """Reports by point: files POINT_sSEED.json, or POINT_sSEED_STEP.json for the given step."""
     runs = defaultdict(list)
-    for path in sorted(RESULTS.glob("*_s*.json")):
-        name = re.sub(r"_s\d+$", "", path.stem)
-        if points is None or name in points:
-            runs[name].append(json.loads(path.read_text()))
+    pattern = re.compile(r"^(.*)_s\d+$" if step is None else rf"^(.*)_s\d+_{step}$")
+    for path in sorted(results.glob("*.json")):
+        match = pattern.match(path.stem)
+        if match and (points is None or match.group(1) in points):
+            runs[match.group(1)].append(json.loads(path.read_text()))
     return runs
+
+
+def curve(results: Path) -> str:
+    """TV, its floor and accuracy at every scored checkpoint of every run (convergence)."""
+    lines = ["| run | step | accuracy | TV | TV floor | modes recalled | entropy ratio |", "|---" * 7 + "|"]
+    for path in sorted(results.glob("*_s*_*.json"), key=lambda p: (p.stem.rsplit("_", 1)[0], int(p.stem.rsplit("_", 1)[1]))):
+        r = json.loads(path.read_text())
+        c = r["one_step"]["mode_coverage"]["mean"]
+        lines.append(f"| {path.stem.rsplit('_', 1)[0]} | {r['step']} | {r['one_step']['prompt_accuracy']['all']:.3f} | "
+                     f"{c['tv']:.3f} +- {c['tv_se']:.3f} | {c['tv_floor']:.3f} | {c['modes_recalled']:.3f} | "
+                     f"{c['entropy_ratio']:.3f} |")
+    return "\n".join(lines)
 
 
 def cell(values: list[float]) -> str:
@@ -87,8 +102,14 @@ def quality(runs: dict[str, list[dict]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", nargs="+", default=None)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--step", type=int, default=None, help="the checkpoint scored (files *_sSEED_STEP.json)")
+    parser.add_argument("--curve", action="store_true", help="every scored checkpoint of every run")
     args = parser.parse_args()
-    runs = load(args.points)
+    if args.curve:
+        print(curve(args.results))
+        return
+    runs = load(args.points, args.results, args.step)
     print(table(runs) + "\n\nTV per prompt:\n\n" + per_prompt(runs) + "\n\nQuality:\n\n" + quality(runs))
 
 

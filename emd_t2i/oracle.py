@@ -192,4 +192,5 @@ def chain_z(chain: Chain, a: float, b: float, batch: int, dim: int, seed: int = 
     z chain goes (set t_min = t_max to look at one t)."""
     oracle = Oracle.create(a, b, mix)
     draws = emd.draw(chain, (batch, dim), torch.Generator().manual_seed(seed), dtype=DTYPE)
-    return emd.e_step(oracle.generator, oracle.teacher_eps, oracle.fake_eps, oracle.alphas_cumprod, draws, chain).z
+    return emd.e_step(oracle.generator, oracle.teacher_eps, oracle.fake_eps, oracle.alphas_cumprod, draws, chain,
+                      jacobian_norm=abs(a)).z

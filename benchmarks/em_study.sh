@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# DMD vs EMD at equal iterations (docs/BENCHMARKS.md, "DMD vs EMD at equal iterations"): students of the toy teacher
+# on its full and partial captions, every point with the same 2000 iterations (a cosine schedule over 2000), each
+# changing one thing against its baseline (written beside each point). Every point runs on one torch thread, so two
+# points share the 2-core machine under the same conditions; a checkpoint every 250 iterations is kept, and
+# benchmarks/mode_score.py scores any of them (mode coverage with 768 samples per under-specified prompt).
+#   bash benchmarks/em_study.sh dmd 1                     # POINT SEED [ITERATIONS]
+#   bash benchmarks/em_study.sh --print                   # every point's flags, nothing run
+# Results: runs/study22/POINT_sSEED (the run, wall.txt its distill seconds) and, after scoring,
+# benchmarks/results/study22/POINT_sSEED_STEP.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
+TARGETS="to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,conv_shortcut,time_emb_proj"
+TARGETS="$TARGETS,conv_in,conv_out,conv,linear_1,linear_2"
+# The toy preset (presets.TOY) with every value written out, on the full + partial captions; 2000 iterations.
+BASE="--prompts prompts/toy.txt --batch-size 32 --generator-lr 2e-3 --fake-lr 1e-3 --lr-schedule cosine
+  --generator-rank 64 --fake-rank 64 --fake-updates 5 --ema-decay 0.99 --guidance-scale 1.75 --t-star 800
+  --target-modules $TARGETS --mixed-precision no --noise-cancellation --cancel-initial-noise --weighting dmd
+  --z-step constant --gamma-eps 0.5 --log-every 10 --validate-every 500 --num-validation-prompts 8
+  --checkpoint-every 250 --keep-checkpoints 20"
+declare -A POINTS=(
+  # the baseline: DMD is the K = 1, gamma_eps = 2 case of the same code (ALGORITHM.md, the K = 1 reduction)
+  [dmd]="--num-langevin-steps 1 --gamma-eps 2.0 --gamma-z 0.0"
+  # against dmd: the chain only (K = 2, eps-only: the toy preset's "EMD" until this study)
+  [emd_k2]="--num-langevin-steps 2 --gamma-z 0.0"
+)
+if [[ "${1:-}" == "--print" ]]; then
+  for name in "${!POINTS[@]}"; do echo "$name: ${POINTS[$name]}"; done
+  exit 0
+fi
+name=$1 seed=$2 iterations=${3:-2000}
+spec=${POINTS[$name]:?unknown point $name}
+run=runs/study22/${name}_s$seed
+start=$(date +%s)
+# shellcheck disable=SC2086
+.venv/bin/emd-t2i distill --teacher toy --output "$run" --seed "$seed" --iterations "$iterations" $BASE $spec
+echo "distill_seconds $(($(date +%s) - start))" > "$run/wall.txt"
