@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import __version__
 from .checkpoint import (
@@ -24,6 +24,7 @@ from .checkpoint import (
 )
 from .config import DistillConfig
 from .errors import UserError
+from .files import follow_umask, save_tensors
 from .model_card import (  # noqa: F401 - re-exported: the export's file names and card live there
     EXAMPLE_PROMPT,
     FACTS_FILE,
@@ -291,16 +292,17 @@ def export_run(
         scheduler.save_pretrained(tmp / SCHEDULER_DIR)
         if "lora" in formats:
             meta = lora_metadata(config, facts)
-            save_file(diffusers_state_dict(state), str(tmp / LORA_FILE), metadata=meta)
+            save_tensors(tmp / LORA_FILE, diffusers_state_dict(state), meta)
         if "kohya" in formats:
             kohya = kohya_state_dict(state, config.lora_alpha)
             check_kohya_round_trip(kohya, state, pipeline_class)
-            save_file(kohya, str(tmp / KOHYA_FILE), metadata=kohya_metadata(config, facts))
+            save_tensors(tmp / KOHYA_FILE, kohya, kohya_metadata(config, facts))
         if "pipeline" in formats:
             _write_pipeline(tmp / PIPELINE_DIR, teacher, scheduler)
         (tmp / FACTS_FILE).write_text(json.dumps({**facts, "formats": list(formats)}, indent=2) + "\n")
         card = model_card(facts, formats, output, read_eval(run_dir), read_eval(run_dir, "metrics.json"))
         (tmp / "README.md").write_text(card)
+        follow_umask(tmp)  # diffusers' save_pretrained writes its safetensors 0600
         _publish(tmp, output, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
