@@ -229,7 +229,11 @@ def test_metadata_describes_the_run(exported):
     for key in ("version", "num_langevin_steps", "gamma_eps", "gamma_z", "iterations"):
         assert FACTS_PREFIX + key in meta
     with safe_open(str(export / KOHYA_FILE), "pt") as f:
-        assert f.metadata()["ss_network_dim"] == str(RANK)
+        kohya_meta = f.metadata()
+    assert kohya_meta["ss_network_dim"] == str(RANK) and kohya_meta["ss_network_alpha"] == str(float(RANK))
+    v_prediction = cfg.t_star == 500  # the v-prediction fixture; both tiny teachers have SD 1.x's shape
+    assert kohya_meta["ss_base_model_version"] == "sd_v1" + "_v" * v_prediction and kohya_meta["ss_v2"] == "False"
+    assert kohya_meta[FACTS_PREFIX + "teacher"] == cfg.teacher
     facts = json.loads((export / FACTS_FILE).read_text())
     assert facts["t_star"] == cfg.t_star and facts["formats"] == ["lora", "pipeline", "kohya"]
     alpha_bar = float(DDIMScheduler.from_pretrained(export / SCHEDULER_DIR).alphas_cumprod[cfg.t_star])
