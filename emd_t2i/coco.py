@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,8 +255,9 @@ class CaptionList:
 
 def load_caption_list(spec: str) -> CaptionList:
     """`coco2014-val-30k` (the published list, verified by its sha256), another prepared name, a list .json written
-    by `emd-t2i coco captions`, or any prompt source `--prompts` takes elsewhere (.txt one a line, .jsonl, .csv,
-    hf:owner/name); a .txt that is the published list is read as the reference code reads it."""
+    by `emd-t2i coco captions`, a pickled list as DMD2 ships them (.pkl), or any prompt source `--prompts` takes
+    elsewhere (.txt one a line, .jsonl, .csv, hf:owner/name); a .txt that is the published list is read as the
+    reference code reads it."""
     path = Path(spec).expanduser()
     if spec == COCO_30K and not path.exists():
         if not published_path().is_file():
@@ -263,6 +265,10 @@ def load_caption_list(spec: str) -> CaptionList:
         return _published_list(published_path(), "the prepared caption list")
     if path.suffix.lower() == ".txt" and path.is_file() and _file_sha256(path) == PUBLISHED_SHA256:
         return _published_list(path, "--prompts")
+    if path.suffix.lower() == ".pkl" and path.is_file():
+        captions = read_pickled_captions(path)
+        return CaptionList(captions, {"source": spec, "file_sha256": _file_sha256(path), "n": len(captions),
+                                      "captions_sha256": sha256_of(captions)})
     named = captions_dir() / f"{spec}.json"
     if path.suffix == ".json" and path.is_file():
         return _read_list(path)
@@ -275,6 +281,27 @@ def load_caption_list(spec: str) -> CaptionList:
 
     captions = load_prompts(spec)
     return CaptionList(captions, {"source": spec, "n": len(captions), "captions_sha256": sha256_of(captions)})
+
+
+class _ListsAndStrings(pickle.Unpickler):
+    """Unpickles lists of strings and refuses everything that would import or call code from the file."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}")
+
+
+def read_pickled_captions(path: Path) -> list[str]:
+    """A pickled list of captions, as DMD2 ships its lists (coco10k/all_prompts.pkl, captions_coco14_test.pkl) and
+    reads them (main/utils.py SDTextDataset: pickle.load, None as ""); nothing in the file is run."""
+    hint = "pass a pickled list of caption strings (DMD2's coco10k/all_prompts.pkl) or a .txt file, one a line"
+    try:
+        with open(path, "rb") as f:
+            data = _ListsAndStrings(f).load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise UserError(f"--prompts {path} is not a plain pickled list of captions ({err}): {hint}") from None
+    if not isinstance(data, list) or not all(c is None or isinstance(c, str) for c in data):
+        raise UserError(f"--prompts {path} holds a {type(data).__name__}, not a list of strings: {hint}")
+    return ["" if c is None else c for c in data]
 
 
 def _not_prepared() -> str:

@@ -16,9 +16,14 @@ def decode_latents(vae, latents: Tensor, scaling_factor: float) -> Tensor:
     return images.float().clamp(-1, 1).cpu()
 
 
-def to_pil(images: Tensor) -> list[Image.Image]:
-    """(N, 3, H, W) in [-1, 1] to PIL images."""
-    array = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+def to_pil(images: Tensor, rounding: str = "round") -> list[Image.Image]:
+    """(N, 3, H, W) in [-1, 1] to PIL images: the level (x + 1) * 127.5 rounded to the nearest integer ("round", ties
+    to even; SiD-LSG's `(x * 127.5 + 128).to(uint8)` rounds ties up, a difference only at exact halves) or truncated
+    ("truncate", as DMD2's `((x + 1) * 127.5).clamp(0, 255).to(uint8)`)."""
+    assert rounding in ("round", "truncate"), rounding
+    levels = ((images + 1) * 127.5).clamp(0, 255)
+    levels = levels.round() if rounding == "round" else levels.floor()
+    array = levels.to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in array]
 
 

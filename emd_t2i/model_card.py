@@ -75,16 +75,22 @@ def _rows(pairs) -> str:
 
 def _coco_section(metrics: dict) -> str:
     """The headline numbers of metrics.json: quality, and the speed a user weighs against it."""
-    captions, speed = metrics.get("captions", {}), metrics.get("speed", {})
-    rows = [("FID", metrics.get("fid")), ("CLIP score", metrics.get("clip_score")),
-            ("images", f"{metrics.get('images', {}).get('count')} ({captions.get('name') or captions.get('source')})")]
+    captions, speed, protocol = metrics.get("captions", {}), metrics.get("speed", {}), metrics.get("protocol")
+    rows = [("FID", metrics.get("fid"))] + ([("patch FID", metrics["patch_fid"])] if "patch_fid" in metrics else [])
+    rows += [("CLIP score", metrics.get("clip_score")),
+             ("images", f"{metrics.get('images', {}).get('count')} ({captions.get('name') or captions.get('source')})"),
+             ("precision, rounding", f"{metrics.get('precision')}, {metrics.get('rounding')}")]
     for key in ("one_step", "teacher"):
         if "latency_s" in (run := speed.get(key, {})):
             label = f"{key.replace('_', '-')} ({run['steps']} step{'s' * (run['steps'] != 1)}, {speed['hardware']['name']})"
             rows += [(f"{label} latency, batch 1", f"{run['latency_s']} s"),
                      (f"{label} images/s, batch {run['batch_size']}", run["images_per_s"])]
-    return ("Zero-shot COCO-2014 val, FID (clean-fid) and CLIP score (open_clip ViT-g-14) at 256 px "
-            "(docs/EVALUATION.md), from `metrics.json` of the run:\n\n| metric | value |\n|---|---|\n" + _rows(rows))
+    if isinstance(protocol, dict):
+        head = (f"Protocol `{protocol['name']}`: {protocol['description']}. Comparable with "
+                f"{protocol['comparable_with']} (docs/EVALUATION.md).")
+    else:
+        head = "Zero-shot COCO-2014 val, FID (clean-fid) and CLIP score (open_clip ViT-g-14) at 256 px."
+    return head + " From `metrics.json` of the run:\n\n| metric | value |\n|---|---|\n" + _rows(rows)
 
 
 def _eval_section(evaluation: dict | None, metrics: dict | None = None) -> str:

@@ -3,7 +3,6 @@ the real code (clean-fid, open_clip) with small stand-in networks, metrics.json,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -20,8 +19,8 @@ from PIL import Image
 from test_export import make_run
 from typer.testing import CliRunner
 
-from emd_t2i import coco, fid
 from emd_t2i import evaluate as evaluate_module
+from emd_t2i import fid
 from emd_t2i.cli import app
 from emd_t2i.clipscore import CLIP_PREFIX, ClipScorer, check_clip_weights
 from emd_t2i.coco import COCO_30K, EMD_30K, list_name, load_caption_list, prepare_captions
@@ -152,45 +151,6 @@ def test_caption_list_from_the_annotation_file(tmp_path, cache):
     assert result.exit_code == 2 and "--n must be between 1 and the 10" in result.output
 
 
-def _published_stand_in(folder, monkeypatch):
-    """A small file in the published list's format (stray whitespace, a blank line, CRLF), its sha256 pinned in
-    place of the real list's: no caption of the real list is in this repository."""
-    path = folder / "captions_coco14_test.txt"
-    path.write_bytes(b"A man riding a horse.\n  Two dogs  on a couch. \r\n\nA red bus\t\nA bowl of fruit.\n")
-    monkeypatch.setattr(coco, "PUBLISHED_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
-    return path
-
-
-def test_the_published_list_is_verified_when_prepared_and_when_used(tmp_path, cache, monkeypatch):
-    """`coco2014-val-30k` is DMD2's / SiD-LSG's list: prepared from the user's copy, read as their code reads it
-    (stripped lines, blank ones skipped), refused when the file or the prepared copy is not it."""
-    wrong = tmp_path / "mine.txt"
-    wrong.write_text("A man riding a horse.\n")
-    result = CliRunner().invoke(app, ["coco", "captions", str(wrong)])
-    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
-    assert "captions_coco14_test.txt" in result.output and "github.com/tianweiy/DMD2" in result.output
-    with pytest.raises(UserError, match="captions_coco14_test.txt"):
-        load_caption_list(COCO_30K)  # not prepared yet
-
-    source = _published_stand_in(tmp_path, monkeypatch)
-    result = CliRunner().invoke(app, ["coco", "captions", str(source)])
-    assert result.exit_code == 0, result.output
-    assert "--prompts coco2014-val-30k" in result.output
-    listing = load_caption_list(COCO_30K)
-    expected = ["A man riding a horse.", "Two dogs  on a couch.", "A red bus", "A bowl of fruit."]
-    assert listing.captions == expected
-    assert listing.info["name"] == COCO_30K and listing.info["verified"] and listing.info["n"] == 4
-    assert listing.info["file_sha256"] == coco.PUBLISHED_SHA256
-    assert load_caption_list(str(source)).info["name"] == COCO_30K  # the file itself is recognised too
-    result = CliRunner().invoke(app, ["coco", "captions", str(source), "--n", "2"])
-    assert result.exit_code == 2 and "--n" in result.output
-
-    prepared = cache / "captions" / "coco2014-val-30k.txt"
-    prepared.write_bytes(prepared.read_bytes().replace(b"horse", b"horses"))
-    with pytest.raises(UserError, match="not the published COCO-2014 30K caption list"):
-        load_caption_list(COCO_30K)  # verified on every use
-
-
 def test_caption_list_from_a_hugging_face_dataset(tmp_path, monkeypatch):
     rows = [{"cocoid": 7 + i, "sentences": [f"cat {i} a", f"cat {i} b"]} for i in range(5)]
 
@@ -297,6 +257,8 @@ def test_the_whole_path_resumes_and_writes_metrics(run, reference_dir, tmp_path,
 
     # every setting
     assert metrics["model"]["kind"] == "one-step export" and metrics["model"]["steps"] == 1
+    assert (metrics["protocol"]["name"], metrics["precision"], metrics["rounding"]) == ("coco2014-30k-256", "float32",
+                                                                                        "round")
     assert metrics["model"]["t_star"] == 999 and metrics["model"]["resolution"] == 16
     assert (metrics["captions"]["used"], metrics["captions"]["seed"], metrics["captions"]["name"]) == \
         (8, 0, "coco2014-val-8-seed0")
