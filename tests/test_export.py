@@ -30,6 +30,7 @@ from emd_t2i.export import (
     export_run,
     loading_snippets,
 )
+from emd_t2i.model_card import client_table
 from emd_t2i.roles import FAKE_SCORE, GENERATOR, Roles, adapter_state_dict, add_roles, load_adapter_state_dict
 from emd_t2i.sample import initial_noise, sample
 from emd_t2i.teachers import load_teacher
@@ -245,9 +246,12 @@ def test_metadata_describes_the_run(exported):
     assert list((export / PIPELINE_DIR / "unet").glob("*.safetensors"))
 
 
-def test_docs_show_the_card_snippets():
-    """docs/EXPORT.md shows the same code the card carries (and the test above runs)."""
+def test_docs_show_the_card_snippets(eps_export):
+    """docs/EXPORT.md shows the same code the card carries (and the test above runs), and the same table of which
+    file each client takes."""
     text = DOCS.read_text()
+    assert client_table() in text and client_table() in (eps_export[1] / "README.md").read_text()
+    assert "| ComfyUI (LoraLoader) | `emd_lora_kohya.safetensors`" in client_table()
     example = loading_snippets("runs/emd/export", "stable-diffusion-v1-5/stable-diffusion-v1-5")
     for snippet in example.values():
         assert snippet in text
