@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from . import __version__, kohya
 from .checkpoint import (
@@ -24,7 +24,7 @@ from .checkpoint import (
 )
 from .config import DistillConfig
 from .errors import UserError
-from .files import follow_umask, save_tensors
+from .files import follow_umask
 from .model_card import (  # noqa: F401 - re-exported: the export's file names and card live there
     EXAMPLE_PROMPT,
     FACTS_FILE,
@@ -257,18 +257,19 @@ def export_run(
         scheduler.save_pretrained(tmp / SCHEDULER_DIR)
         if "lora" in formats:
             meta = lora_metadata(config, facts)
-            save_tensors(tmp / LORA_FILE, diffusers_state_dict(state), meta)
+            save_file(diffusers_state_dict(state), str(tmp / LORA_FILE), metadata=meta)
         if "kohya" in formats:
             base = kohya.base_model(teacher.unet.config)
             weights = kohya.kohya_state_dict(state, config.lora_alpha, teacher.unet.config, base)
             kohya.check_round_trip(weights, state, pipeline_class, teacher.unet.config)
-            save_tensors(tmp / KOHYA_FILE, weights, kohya_file_metadata(config, facts, base, teacher.resolution))
+            save_file(weights, str(tmp / KOHYA_FILE),
+                      metadata=kohya_file_metadata(config, facts, base, teacher.resolution))
         if "pipeline" in formats:
             _write_pipeline(tmp / PIPELINE_DIR, teacher, scheduler)
         (tmp / FACTS_FILE).write_text(json.dumps({**facts, "formats": list(formats)}, indent=2) + "\n")
         card = model_card(facts, formats, output, read_eval(run_dir), read_eval(run_dir, "metrics.json"))
         (tmp / "README.md").write_text(card)
-        follow_umask(tmp)  # diffusers' save_pretrained writes its safetensors 0600
+        follow_umask(tmp)  # safetensors' save_file (ours and diffusers' save_pretrained's) makes files 0600
         _publish(tmp, output, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

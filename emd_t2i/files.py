@@ -161,12 +161,3 @@ def follow_umask(path: Path) -> None:
     mode = new_file_mode()
     for file in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
         os.chmod(file, mode)
-
-
-def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file with the mode any other written file gets (see `follow_umask`). Not atomic by itself:
-    callers write into a hidden folder that is renamed into place when complete."""
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata=metadata)
-    follow_umask(path)

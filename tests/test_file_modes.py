@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from test_export import make_run
 
 from emd_t2i.checkpoint import save_checkpoint
 from emd_t2i.embedding_store import encode_store
 from emd_t2i.embeddings import load_text_encoder
 from emd_t2i.export import export_run
-from emd_t2i.files import current_umask, new_file_mode, save_tensors
+from emd_t2i.files import current_umask, follow_umask, new_file_mode
 
 
 @pytest.fixture
@@ -54,5 +55,6 @@ def test_exports_checkpoints_and_stores_follow_the_umask(umask, tiny_teacher_dir
 
 @pytest.mark.parametrize("umask", [0o077], indirect=True)
 def test_a_private_umask_stays_private(umask, tmp_path):
-    save_tensors(tmp_path / "x.safetensors", {"w": torch.zeros(1)})
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
+    follow_umask(tmp_path)
     assert stat.S_IMODE((tmp_path / "x.safetensors").stat().st_mode) == 0o600
