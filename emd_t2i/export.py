@@ -90,8 +90,10 @@ def diffusers_state_dict(peft_state: dict[str, torch.Tensor]) -> dict[str, torch
 
 def lora_metadata(config: LoraConfig, facts: dict) -> dict[str, str]:
     """safetensors metadata: diffusers' LoRA config (so rank and alpha load right) and the run's facts."""
+    # rank_pattern / alpha_pattern (empty: one rank, alpha = rank everywhere) too: diffusers 0.39 to 0.41 read the
+    # metadata as LoraConfig keyword arguments and look both up without a default
     adapter = {"unet.r": config.r, "unet.lora_alpha": config.lora_alpha,
-               "unet.target_modules": sorted(config.target_modules)}
+               "unet.target_modules": sorted(config.target_modules), "unet.rank_pattern": {}, "unet.alpha_pattern": {}}
     meta = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, indent=2, sort_keys=True)}
     meta.update({FACTS_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in facts.items()})
     return meta

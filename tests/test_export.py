@@ -223,6 +223,7 @@ def test_metadata_describes_the_run(exported):
     assert all(k.startswith("unet.") and ".lora_" in k for k in load_file(str(export / LORA_FILE)))
     assert json.loads(meta["lora_adapter_metadata"])["unet.r"] == RANK
     assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == RANK
+    assert json.loads(meta["lora_adapter_metadata"])["unet.rank_pattern"] == {}  # diffusers 0.39-0.41 need the key
     assert meta["emd_t2i.teacher"] == cfg.teacher
     assert json.loads(meta["emd_t2i.t_star"]) == cfg.t_star
     assert json.loads(meta["emd_t2i.guidance_scale"]) == GUIDANCE
