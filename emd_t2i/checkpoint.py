@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .files import follow_umask
 from .roles import FAKE_SCORE, GENERATOR
 
 GENERATOR_EMA = "generator_ema"
@@ -79,6 +80,7 @@ def save_checkpoint(
         for name, state in adapters.items():
             save_file(state, str(tmp / f"{name}.safetensors"), metadata=metadata)
         torch.save(training_state, tmp / "training_state.pt")
+        follow_umask(tmp)  # safetensors' save_file makes its files 0600
         manifest = {p.name: _fingerprint(p) for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         for path in tmp.iterdir():

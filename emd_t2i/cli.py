@@ -270,7 +270,7 @@ def sample(
 @user_errors
 def evaluate(
     model: Annotated[str | None, typer.Option(help=_literal("export or run folder, or a teacher (name, hub id, diffusers folder) [default: newest runs/*/export]"))] = None,
-    prompts: Annotated[str | None, typer.Option(help="captions for the COCO protocol: coco2014-val-30k (see `emd-t2i coco captions`), a list .json or a prompt file; leave out for the toy metrics")] = None,
+    prompts: Annotated[str | None, typer.Option(help="captions for the COCO protocol: coco2014-val-30k (the published list, see `emd-t2i coco captions`), a prepared list name or .json, or a prompt file; leave out for the toy metrics")] = None,
     reference: Annotated[str | None, typer.Option(help="COCO val2014 image folder (or zip), or a statistics .npz from `emd-t2i coco reference`")] = None,
     output: Annotated[Path | None, typer.Option(help="folder for images/ and metrics.json; the same command again resumes")] = None,
     n: Annotated[int | None, typer.Option(help=_literal(f"toy: evaluation prompts [default: {EVAL_PROMPTS}]; COCO: only the first N captions [default: all]"))] = None,
@@ -283,6 +283,9 @@ def evaluate(
     clip_weights: Annotated[str | None, typer.Option(help=_literal("open_clip ViT-g-14 laion2b_s12b_b42k weights file [default: the Hugging Face cache]"))] = None,
     inception_weights: Annotated[str | None, typer.Option(help=_literal("clean-fid's inception-2015-12-05.pt [default: the emd-t2i cache or /tmp]"))] = None,
     speed_teacher_steps: Annotated[int, typer.Option(help="also time an export's teacher at N steps on the same hardware (0: off)")] = 50,
+    protocol: Annotated[str, typer.Option(help="auto (dmd2-sdxl-coco10k for SDXL, else coco2014-30k-256) | coco2014-30k-256 | dmd2-sdxl-coco10k: FID resolution, patch FID, defaults below (docs/EVALUATION.md)")] = "auto",
+    precision: Annotated[str, typer.Option(help="generation precision: auto (the protocol's: fp16 on CUDA as SiD-LSG, fp32 for SDXL as DMD2) | fp32 | fp16 | bf16")] = "auto",
+    rounding: Annotated[str, typer.Option(help="8-bit pixels: auto (the protocol's) | round (SiD-LSG) | truncate (DMD2)")] = "auto",
 ):
     """Evaluate an export or a teacher: the COCO-2014 protocol (FID-30K, CLIP score, speed; writes metrics.json) with
     --prompts, or the toy teacher's metrics (prompt accuracy, diversity, Frechet distance; eval.json) without."""
@@ -290,7 +293,10 @@ def evaluate(
 
     if prompts is None:
         coco_only = {"--reference": reference, "--output": output, "--steps": steps, "--guidance": guidance,
-                     "--clip-weights": clip_weights, "--inception-weights": inception_weights}
+                     "--clip-weights": clip_weights, "--inception-weights": inception_weights,
+                     "--protocol": None if protocol == "auto" else protocol,
+                     "--precision": None if precision == "auto" else precision,
+                     "--rounding": None if rounding == "auto" else rounding}
         if given := [flag for flag, value in coco_only.items() if value is not None]:
             raise UserError(f"{', '.join(given)} belong to the COCO protocol: add --prompts coco2014-val-30k (or a "
                             "caption file)")
@@ -301,9 +307,12 @@ def evaluate(
     metrics = evaluate_coco(model, prompts=prompts, reference=reference, output=output, n=n, steps=steps,
                             guidance=guidance, scheduler=scheduler, seed=seed, batch_size=batch_size,
                             device=device or "auto", clip_weights=clip_weights, inception_weights=inception_weights,
-                            speed_teacher_steps=speed_teacher_steps)
+                            speed_teacher_steps=speed_teacher_steps, protocol=protocol, precision=precision,
+                            rounding=rounding)
     if metrics is not None:  # None on the other processes of `accelerate launch`
-        typer.echo(f"FID {metrics['fid']}, CLIP score {metrics['clip_score']} ({metrics['images']['count']} images); "
+        patch = f", patch FID {metrics['patch_fid']}" if "patch_fid" in metrics else ""
+        typer.echo(f"FID {metrics['fid']}{patch}, CLIP score {metrics['clip_score']} ({metrics['images']['count']} "
+                   f"images, protocol {metrics['protocol']['name']}, {metrics['precision']}, {metrics['rounding']}); "
                    f"all numbers and settings in {Path(output) / 'metrics.json'}")
 
 

@@ -80,24 +80,30 @@ coco_app = typer.Typer(help="The COCO-2014 protocol's inputs: the caption list a
                        no_args_is_help=True)
 
 
-@coco_app.command("captions", epilog="Example: emd-t2i coco captions annotations/captions_val2014.json")
+@coco_app.command("captions", epilog="Examples: emd-t2i coco captions captions_coco14_test.txt (the published list, "
+                  "for --prompts coco2014-val-30k); emd-t2i coco captions annotations/captions_val2014.json (this "
+                  "project's seeded draw, coco2014-val-30k-emd)")
 @user_errors
 def coco_captions(
-    source: Annotated[str, typer.Argument(help="captions_val2014.json (annotations_trainval2014.zip, cocodataset.org) or hf:owner/name")],
+    source: Annotated[str, typer.Argument(help="the published list: DMD2's main/coco_eval/captions_coco14_test.txt or SiD-LSG's prompts/captions.txt (the same file, checked by its sha256); or captions_val2014.json (annotations_trainval2014.zip, cocodataset.org) or hf:owner/name for a seeded draw")],
     output: Annotated[Path | None, typer.Option(help=_literal("list file to write [default: the cache, where --prompts NAME finds it]"))] = None,
-    n: Annotated[int, typer.Option(help="captions, one per distinct image")] = 30_000,
-    seed: Annotated[int, typer.Option(help="seed of the selection (recorded in the list)")] = 0,
+    n: Annotated[int | None, typer.Option(help=_literal("a draw from annotations: captions, one per distinct image [default: 30000]"))] = None,
+    seed: Annotated[int | None, typer.Option(help=_literal("a draw from annotations: seed of the selection, recorded in the list [default: 0]"))] = None,
     split: Annotated[str, typer.Option(help="split of an hf: dataset")] = "validation",
     caption_column: Annotated[str | None, typer.Option(help=_literal("caption column of an hf: dataset [default: caption, captions, sentences or text]"))] = None,
     image_column: Annotated[str | None, typer.Option(help=_literal("image id column of an hf: dataset [default: image_id, cocoid, imgid or id]"))] = None,
 ):
-    """Turn COCO-2014 val captions into the fixed evaluation list (n images, one caption each, seed recorded)."""
-    from .coco import list_name, prepare_captions
+    """Prepare an evaluation caption list: the published COCO-2014 30K list (the default protocol's, verified by its
+    sha256), or a seeded draw from COCO-2014 val annotations (n images, one caption each)."""
+    from .coco import COCO_30K, DEFAULT_CAPTION_SEED, DEFAULT_CAPTIONS, list_name, prepare_captions
 
     path = prepare_captions(source, output, n=n, seed=seed, split=split, caption_column=caption_column,
                             image_column=image_column)
-    use = str(path) if output else list_name(n, seed)
-    typer.echo(f"wrote {path}; evaluate with --prompts {use}")
+    if Path(source).suffix.lower() == ".txt":
+        name = COCO_30K
+    else:
+        name = list_name(DEFAULT_CAPTIONS if n is None else n, DEFAULT_CAPTION_SEED if seed is None else seed)
+    typer.echo(f"wrote {path}; evaluate with --prompts {path if output else name}")
 
 
 @coco_app.command("reference", epilog="Example: emd-t2i coco reference coco/val2014 --output coco-val2014-256.npz")

@@ -13,7 +13,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .errors import UserError
-from .fid import center_crop_resize
+from .fid import EVAL_RESOLUTION, center_crop_resize
 
 CLIP_ARCH = "ViT-g-14"
 CLIP_PRETRAINED = "laion2b_s12b_b42k"
@@ -44,15 +44,16 @@ class ClipScorer:
 
 
 def clip_score(scorer: ClipScorer, files: Sequence[Path], captions: Sequence[str], batch_size: int = 32,
-               progress: bool = True) -> dict:
-    """Mean (and spread) of the per-image CLIP similarity over image files and their captions."""
+               progress: bool = True, size: int = EVAL_RESOLUTION) -> dict:
+    """Mean (and spread) of the per-image CLIP similarity over image files and their captions, each image first
+    cropped to its centre square and resized to `size` (the protocol's)."""
     assert len(files) == len(captions), "one caption per image"
     scores = []
     for start in tqdm(range(0, len(files), batch_size), desc="CLIP score", unit="batch", disable=not progress):
         images = []
         for f in files[start:start + batch_size]:
             with Image.open(f) as image:
-                images.append(center_crop_resize(image.convert("RGB")))
+                images.append(center_crop_resize(image.convert("RGB"), size))
         scores.append(scorer.similarities(images, captions[start:start + batch_size]))
     values = torch.cat(scores).double().numpy()
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "count": len(values)}

@@ -1,10 +1,13 @@
-"""The COCO-2014 val caption list of the published one-step protocol: prepared once, with its seed recorded."""
+"""The COCO-2014 val caption lists: the published 30K list of the one-step papers (pinned by its sha256), and this
+project's own seeded draw from the COCO annotations; prepared once, verified whenever used."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +15,17 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .files import write_text_atomic
+from .files import write_atomic, write_text_atomic
 
-COCO_30K = "coco2014-val-30k"  # the name `--prompts` knows once `emd-t2i coco captions` has written it
+# The published list: DMD2's main/coco_eval/captions_coco14_test.txt and SiD-LSG's prompts/captions.txt are the same
+# file (GigaGAN's captions.txt), 30,000 lines; its sha256 pins it, so no caption text lives in this repository.
+COCO_30K = "coco2014-val-30k"
+PUBLISHED_SHA256 = "edabd2a556026cbf5d36a5fffa35ad43d7ba71b72f6d640b727c1edefb7f1945"
+PUBLISHED_FILES = ("DMD2's main/coco_eval/captions_coco14_test.txt (github.com/tianweiy/DMD2) or SiD-LSG's "
+                   "prompts/captions.txt (github.com/mingyuanzhou/SiD-LSG), the same file")
+PUBLISHED_READING = ("each line stripped of surrounding whitespace, empty lines skipped, as DMD2 (main/utils.py "
+                     "SDTextDataset) and SiD-LSG (generate_onestep.py read_file_to_sentences) read it")
+EMD_30K = "coco2014-val-30k-emd"  # this project's seed-0 draw from captions_val2014.json (not the published list)
 DEFAULT_CAPTIONS = 30_000
 DEFAULT_CAPTION_SEED = 0
 SELECTION = (
@@ -40,8 +51,9 @@ def captions_dir() -> Path:
 
 
 def list_name(n: int, seed: int) -> str:
-    """coco2014-val-30k for the protocol's list; coco2014-val-<n>-seed<seed> for any other."""
-    return COCO_30K if (n, seed) == (DEFAULT_CAPTIONS, DEFAULT_CAPTION_SEED) else f"coco2014-val-{n}-seed{seed}"
+    """The name of a draw from the annotations: coco2014-val-30k-emd for the default one, coco2014-val-<n>-seed<seed>
+    for any other (coco2014-val-30k is the published list, not a draw)."""
+    return EMD_30K if (n, seed) == (DEFAULT_CAPTIONS, DEFAULT_CAPTION_SEED) else f"coco2014-val-{n}-seed{seed}"
 
 
 @dataclass(frozen=True)
@@ -151,11 +163,20 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepare_captions(source: str, output: str | Path | None = None, *, n: int = DEFAULT_CAPTIONS,
-                     seed: int = DEFAULT_CAPTION_SEED, split: str = "validation", caption_column: str | None = None,
+def prepare_captions(source: str, output: str | Path | None = None, *, n: int | None = None,
+                     seed: int | None = None, split: str = "validation", caption_column: str | None = None,
                      image_column: str | None = None) -> Path:
-    """Write the fixed caption list (JSON, with the source, its sha256, seed and selection rule) and return
-    its path; by default into the cache under its name, so `--prompts coco2014-val-30k` finds it."""
+    """Prepare a caption list and return its path; by default into the cache under its name, where `--prompts NAME`
+    finds it. A .txt source must be the published list (checked by its sha256), written as `coco2014-val-30k`;
+    annotations (captions_val2014.json or hf:owner/name) give this project's seeded draw (JSON, with the source, its
+    sha256, seed and selection rule)."""
+    if Path(source).suffix.lower() == ".txt":
+        if n is not None or seed is not None:
+            raise UserError("--n and --seed select captions from captions_val2014.json; the published list is used "
+                            "whole (evaluate its first N captions with `emd-t2i eval --n N`)")
+        return prepare_published(source, output)
+    n = DEFAULT_CAPTIONS if n is None else n
+    seed = DEFAULT_CAPTION_SEED if seed is None else seed
     if source.startswith("hf:"):
         rows, fingerprint = read_hf_dataset(source[3:], split, caption_column, image_column), None
         source_text = f"{source} (split {split})"
@@ -177,6 +198,51 @@ def prepare_captions(source: str, output: str | Path | None = None, *, n: int = 
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The published list: kept as the user's file, byte for byte, and verified by its sha256 on every read
+# ---------------------------------------------------------------------------------------------------------
+
+
+def published_path() -> Path:
+    return captions_dir() / f"{COCO_30K}.txt"
+
+
+def _published_bytes(path: Path, flag: str) -> bytes:
+    """The file's bytes if they are the published list; otherwise a UserError saying where to get it."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{flag} {path} cannot be read ({err.__class__.__name__}): pass {PUBLISHED_FILES}") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != PUBLISHED_SHA256:
+        raise UserError(f"{flag} {path} is not the published COCO-2014 30K caption list (sha256 {digest[:12]}..., "
+                        f"expected {PUBLISHED_SHA256[:12]}...): pass {PUBLISHED_FILES}, unchanged")
+    return raw
+
+
+def published_captions(raw: bytes) -> list[str]:
+    """The captions of the published file as the reference code reads it (PUBLISHED_READING)."""
+    return [line.strip() for line in io.StringIO(raw.decode("utf-8"), newline=None) if line.strip()]
+
+
+def prepare_published(source: str | Path, output: str | Path | None = None) -> Path:
+    """Check that `source` is the published list and keep a copy (the cache's coco2014-val-30k.txt by default)."""
+    raw = _published_bytes(Path(source).expanduser(), "caption file")
+    path = Path(output).expanduser() if output else published_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, raw)
+    return path
+
+
+def _published_list(path: Path, flag: str) -> CaptionList:
+    raw = _published_bytes(path, flag)
+    captions = published_captions(raw)
+    return CaptionList(captions, {"name": COCO_30K, "source": f"the published list: {PUBLISHED_FILES}",
+                                  "file": str(path), "file_sha256": PUBLISHED_SHA256, "verified": True,
+                                  "reading": PUBLISHED_READING, "n": len(captions),
+                                  "captions_sha256": sha256_of(captions)})
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Loading a list for evaluation
 # ---------------------------------------------------------------------------------------------------------
 
@@ -188,9 +254,21 @@ class CaptionList:
 
 
 def load_caption_list(spec: str) -> CaptionList:
-    """`coco2014-val-30k` (or another prepared name), a list .json written by `emd-t2i coco captions`, or any
-    prompt source `--prompts` takes elsewhere (.txt one a line, .jsonl, .csv, hf:owner/name)."""
+    """`coco2014-val-30k` (the published list, verified by its sha256), another prepared name, a list .json written
+    by `emd-t2i coco captions`, a pickled list as DMD2 ships them (.pkl), or any prompt source `--prompts` takes
+    elsewhere (.txt one a line, .jsonl, .csv, hf:owner/name); a .txt that is the published list is read as the
+    reference code reads it."""
     path = Path(spec).expanduser()
+    if spec == COCO_30K and not path.exists():
+        if not published_path().is_file():
+            raise UserError(_not_prepared())
+        return _published_list(published_path(), "the prepared caption list")
+    if path.suffix.lower() == ".txt" and path.is_file() and _file_sha256(path) == PUBLISHED_SHA256:
+        return _published_list(path, "--prompts")
+    if path.suffix.lower() == ".pkl" and path.is_file():
+        captions = read_pickled_captions(path)
+        return CaptionList(captions, {"source": spec, "file_sha256": _file_sha256(path), "n": len(captions),
+                                      "captions_sha256": sha256_of(captions)})
     named = captions_dir() / f"{spec}.json"
     if path.suffix == ".json" and path.is_file():
         return _read_list(path)
@@ -203,6 +281,35 @@ def load_caption_list(spec: str) -> CaptionList:
 
     captions = load_prompts(spec)
     return CaptionList(captions, {"source": spec, "n": len(captions), "captions_sha256": sha256_of(captions)})
+
+
+class _ListsAndStrings(pickle.Unpickler):
+    """Unpickles lists of strings and refuses everything that would import or call code from the file."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}")
+
+
+def read_pickled_captions(path: Path) -> list[str]:
+    """A pickled list of captions, as DMD2 ships its lists (coco10k/all_prompts.pkl, captions_coco14_test.pkl) and
+    reads them (main/utils.py SDTextDataset: pickle.load, None as ""); nothing in the file is run."""
+    hint = "pass a pickled list of caption strings (DMD2's coco10k/all_prompts.pkl) or a .txt file, one a line"
+    try:
+        with open(path, "rb") as f:
+            data = _ListsAndStrings(f).load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise UserError(f"--prompts {path} is not a plain pickled list of captions ({err}): {hint}") from None
+    if not isinstance(data, list) or not all(c is None or isinstance(c, str) for c in data):
+        raise UserError(f"--prompts {path} holds a {type(data).__name__}, not a list of strings: {hint}")
+    return ["" if c is None else c for c in data]
+
+
+def _not_prepared() -> str:
+    old = captions_dir() / f"{COCO_30K}.json"
+    hint = (f" ({old} there is this project's own seed-0 draw from an earlier version, now called {EMD_30K}: rename "
+            f"it to {EMD_30K}.json to keep using it)") if old.is_file() else ""
+    return (f"the caption list {COCO_30K} (the published list) is not prepared (looked for {published_path()}): run "
+            f"`emd-t2i coco captions captions_coco14_test.txt` once with {PUBLISHED_FILES}{hint}")
 
 
 def _read_list(path: Path) -> CaptionList:

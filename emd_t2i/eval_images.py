@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -27,7 +28,7 @@ from .sample import (
     prompt_conditioning,
     resolve_model,
 )
-from .teachers import load_teacher
+from .teachers import is_sdxl_source, load_teacher
 
 IMAGES_DIR = "images"
 TEACHER_STEPS = 50  # the published teacher row: SD1.5, 50 steps, guidance 3
@@ -51,8 +52,9 @@ def per_image_noise(seeds: list[int], shape: tuple[int, ...], device, dtype: tor
 class OneStep:
     """An export's generator: one UNet call per image (G1), as `emd_t2i.sample.sample` makes it."""
 
-    def __init__(self, root: Path, device, dtype: torch.dtype):
+    def __init__(self, root: Path, device, dtype: torch.dtype, rounding: str = "round"):
         self.model = load_teacher(str(pipeline_dir(root)), dtype=dtype, device=device)
+        self.rounding = rounding
         t_star = one_step_timestep(self.model.scheduler, root)
         self.roles = Roles(self.model.unet, self.model.alphas_cumprod, self.model.prediction_type, t_star)
         self.device = torch.device(device)
@@ -60,21 +62,22 @@ class OneStep:
         self.info = {"kind": "one-step export", "model": str(root), "steps": 1, "t_star": t_star,
                      "teacher": self.facts.get("teacher_source"), "distilled_guidance": self.facts.get("guidance_scale"),
                      "checkpoint_step": self.facts.get("step"), "resolution": self.model.resolution,
-                     "dtype": str(dtype).removeprefix("torch.")}
+                     "dtype": str(dtype).removeprefix("torch."), "rounding": rounding}
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         cond = prompt_conditioning(self.model, prompts, 1, self.device)
         m = self.model
         z = per_image_noise(seeds, (m.latent_channels, m.latent_size, m.latent_size), self.device, cond.dtype)
-        return to_pil(decode_latents(m.vae, self.roles.generator(z, cond), m.scaling_factor))
+        return to_pil(decode_latents(m.vae, self.roles.generator(z, cond), m.scaling_factor), self.rounding)
 
 
 class TeacherSampler:
     """A teacher at `steps` steps with classifier-free guidance, through plain diffusers (StableDiffusionPipeline
     over the loaded components) with its own scheduler ("teacher", as the published teacher rows) or DDIM."""
 
-    def __init__(self, spec: str, steps: int, guidance: float, scheduler: str, device, dtype: torch.dtype):
+    def __init__(self, spec: str, steps: int, guidance: float, scheduler: str, device, dtype: torch.dtype,
+                 rounding: str = "round"):
         from diffusers import DDIMScheduler
 
         if scheduler not in SCHEDULERS:
@@ -86,16 +89,20 @@ class TeacherSampler:
         if scheduler == "ddim":  # clip_sample=False: StableDiffusionPipeline forces it for DDIM anyway
             sched = DDIMScheduler.from_config(sched.config, clip_sample=False)
         self.pipe = as_pipeline(self.model, sched)
-        self.steps, self.guidance, self.device = steps, guidance, torch.device(device)
+        self.steps, self.guidance, self.device, self.rounding = steps, guidance, torch.device(device), rounding
         self.info = {"kind": "teacher", "model": self.model.source, "steps": steps, "guidance": guidance,
                      "scheduler": type(sched).__name__, "resolution": self.model.resolution,
-                     "dtype": str(dtype).removeprefix("torch.")}
+                     "dtype": str(dtype).removeprefix("torch."), "rounding": rounding}
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         m = self.model
         z = per_image_noise(seeds, (m.latent_channels, m.latent_size, m.latent_size), self.device, m.unet.dtype)
-        return self.pipe(prompts, num_inference_steps=self.steps, guidance_scale=self.guidance, latents=z).images
+        kwargs = {"num_inference_steps": self.steps, "guidance_scale": self.guidance, "latents": z}
+        if self.rounding == "round":  # diffusers' own PIL images: (x / 2 + 0.5) * 255, rounded
+            return self.pipe(prompts, **kwargs).images
+        levels = self.pipe(prompts, output_type="np", **kwargs).images * 255  # as DMD2's teacher rows truncate it
+        return [Image.fromarray(a.astype(np.uint8)) for a in levels]
 
 
 def as_export(model: str | Path | None) -> Path | None:
@@ -117,20 +124,27 @@ def as_export(model: str | Path | None) -> Path | None:
     return root if one_step else None
 
 
+def is_sdxl_model(model: str | Path | None) -> bool:
+    """Whether an export or a teacher is SDXL-shaped (read from its model_index.json, before any weights)."""
+    export = as_export(model)
+    return is_sdxl_source(str(pipeline_dir(export)) if export is not None else str(model))
+
+
 def open_source(model: str | Path | None, *, steps: int | None, guidance: float | None, scheduler: str,
-                device, dtype: torch.dtype) -> OneStep | TeacherSampler:
+                device, dtype: torch.dtype, rounding: str = "round") -> OneStep | TeacherSampler:
     """An export gives its one-step generator; anything else is loaded as a teacher sampled at `steps`."""
     export = as_export(model)
     if export is None:
         return TeacherSampler(str(model), TEACHER_STEPS if steps is None else steps,
-                              TEACHER_GUIDANCE if guidance is None else guidance, scheduler, device, dtype)
+                              TEACHER_GUIDANCE if guidance is None else guidance, scheduler, device, dtype,
+                              rounding)
     if steps not in (None, 1) or guidance is not None:
         teacher = (load_facts(export) or {}).get("teacher_source", "its teacher")
         raise UserError(f"--steps / --guidance sample a teacher, and {export} is a one-step export (guidance distilled "
                         f"in): pass --model {teacher} to score the teacher")
     if scheduler != "teacher":
         raise UserError(f"--scheduler applies to a teacher; {export} is a one-step export: leave it out")
-    return OneStep(export, device, dtype)
+    return OneStep(export, device, dtype, rounding)
 
 
 # ---------------------------------------------------------------------------------------------------------

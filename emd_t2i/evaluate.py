@@ -27,11 +27,13 @@ from .eval_images import (
     TeacherSampler,
     generate_missing,
     image_path,
+    is_sdxl_model,
     measure_speed,
     open_source,
 )
 from .fid import Extractor
 from .files import write_text_atomic
+from .protocols import resolve_precision, resolve_protocol, resolve_rounding
 
 ImagesFn = Callable[[list[str], int], Tensor]  # (prompts, seed) -> images in [-1, 1], (N, 3, H, W)
 
@@ -131,6 +133,7 @@ def evaluate_export(model: str | Path | None, n: int = EVAL_PROMPTS, device: str
 GENERATION_FILE = "generation.json"  # the settings the images in --output were made with (guards a resume)
 METRICS_FILE = "metrics.json"
 CAPTIONS_FILE = "captions.txt"  # caption i on line i, beside images/ (GigaGAN's evaluation script reads this)
+UNRECORDED = {"rounding": "round"}  # settings older generation.json files lack, with the value they were made with
 PACKAGES = ("emd-t2i", "torch", "diffusers", "transformers", "accelerate", "clean-fid", "open_clip_torch", "pillow",
             "numpy", "scipy")
 
@@ -156,6 +159,9 @@ def evaluate_coco(
     seed: int = 0,
     batch_size: int = 8,
     device: str = "auto",
+    protocol: str = "auto",
+    precision: str = "auto",
+    rounding: str = "auto",
     clip_weights: str | Path | None = None,
     inception_weights: str | Path | None = None,
     speed_teacher_steps: int = TEACHER_STEPS,
@@ -166,7 +172,8 @@ def evaluate_coco(
 ) -> dict | None:
     """Generate one PNG per caption into `output`/images (what is there is kept), then FID against `reference`,
     CLIP score and speed; write `output`/metrics.json and return it (None on the processes other than the main
-    one under `accelerate launch`, which split the captions)."""
+    one under `accelerate launch`, which split the captions). `protocol`, `precision` and `rounding` "auto" follow
+    the model: DMD2's SDXL protocol (fp32, truncated) for SDXL, else the 30K / 256 px one (fp16 on CUDA, rounded)."""
     from accelerate import PartialState
 
     # the inputs: anything missing stops the run here, before hours of generation
@@ -174,7 +181,8 @@ def evaluate_coco(
     # cpu=True: under a launcher on CPU accelerate then joins the processes (gloo) instead of running each alone
     state = PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
     dev = state.device if device in ("auto", "cuda") else torch.device(device)
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    chosen = resolve_protocol(protocol, is_sdxl_model(model))
+    dtype, rounding = resolve_precision(precision, chosen, dev), resolve_rounding(rounding, chosen)
     listing = load_caption_list(prompts)
     if n is not None and n > len(listing.captions):
         raise UserError(f"--n {n} is more than the {len(listing.captions)} captions of {prompts}")
@@ -185,8 +193,10 @@ def evaluate_coco(
             fid.inception_weights(inception_weights)  # downloads it once when online
         if extractors.clip is None:
             check_clip_weights(clip_weights)
-    source = open_source(model, steps=steps, guidance=guidance, scheduler=scheduler, device=dev, dtype=dtype)
-    settings = {**{k: source.info.get(k) for k in ("kind", "steps", "guidance", "scheduler", "resolution", "dtype")},
+    source = open_source(model, steps=steps, guidance=guidance, scheduler=scheduler, device=dev, dtype=dtype,
+                         rounding=rounding)
+    settings = {**{k: source.info.get(k) for k in ("kind", "steps", "guidance", "scheduler", "resolution", "dtype",
+                                                   "rounding")},
                 "model": _identity(source.info["model"]), "seed": seed, "captions_sha256": listing.info["captions_sha256"]}
 
     # the images: every process renders its share of what is missing
@@ -214,27 +224,29 @@ def evaluate_coco(
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
-    # FID and CLIP score
+    # FID (and DMD2's patch FID) and CLIP score, as the protocol measures them
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
     inception = extractors.inception or fid.load_inception(dev, inception_weights)
-    ref, ref_path = fid.reference_stats(reference, inception, dev, batch_size=batch_size, num_workers=workers)
-    generated = fid.stats_of(fid.file_features(files, inception, dev, batch_size, workers, "FID features"), {})
+    transforms = {"fid": fid.crop_resize(chosen.fid_resolution)} | ({"patch_fid": fid.patch()} if chosen.patch_fid
+                                                                     else {})
+    fids = {name: _fid(files, reference, inception, dev, batch_size, workers, transform)
+            for name, transform in transforms.items()}
     scorer = extractors.clip or load_clip(dev, clip_weights)
-    clip = clip_score(scorer, files, captions, batch_size, progress)
+    clip = clip_score(scorer, files, captions, batch_size, progress, size=chosen.clip_resolution)
 
     metrics = {
-        "fid": round(fid.frechet_distance(generated, ref), 4),
+        **{name: value for name, (value, _) in fids.items()},
         "clip_score": round(clip["mean"], 5),
-        "protocol": "zero-shot COCO-2014 val: one image per caption, FID (clean-fid) and CLIP score on the "
-                    f"{fid.EVAL_RESOLUTION} px centre crop (docs/EVALUATION.md)",
+        "protocol": chosen.info(),
+        "precision": str(dtype).removeprefix("torch."),
+        "rounding": rounding,
         "model": model_info,
         "captions": {**listing.info, "used": len(captions)},
         "images": {"folder": str(output / IMAGES_DIR), "count": len(files), "seed": seed,
                    "seeds": f"caption i has seed {seed} + i", "generation_main_process": generation},
-        "fid_details": {"images": generated.info["count"], "extractor": inception.name, "transform": fid.TRANSFORM,
-                        "reference": {"source": str(reference), "stats_file": str(ref_path), **ref.info}},
-        "clip_details": {**clip, "model": scorer.name, "prefix": CLIP_PREFIX, "transform": fid.TRANSFORM,
-                         "similarity": "cosine, not x100"},
+        **{f"{name}_details": details for name, (_, details) in fids.items()},
+        "clip_details": {**clip, "model": scorer.name, "prefix": CLIP_PREFIX,
+                         "transform": fid.crop_resize(chosen.clip_resolution).name, "similarity": "cosine, not x100"},
         "speed": speed,
         "versions": _versions(),
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -244,6 +256,18 @@ def evaluate_coco(
     if export is not None and (card_dir := _card_dir(export)) is not None:
         write_text_atomic(card_dir / METRICS_FILE, text)  # `emd-t2i export` puts it into the model card
     return metrics
+
+
+def _fid(files: list[Path], reference, inception: Extractor, device, batch_size: int, workers: int,
+         transform: fid.Transform) -> tuple[float, dict]:
+    """FID of the image files against the reference under one transform, and how it was computed."""
+    ref, ref_path = fid.reference_stats(reference, inception, device, batch_size=batch_size, num_workers=workers,
+                                        transform=transform)
+    features = fid.file_features(files, inception, device, batch_size, workers, "FID features", transform)
+    generated = fid.stats_of(features, {})
+    details = {"images": generated.info["count"], "extractor": inception.name, "transform": transform.name,
+               "reference": {"source": str(reference), "stats_file": str(ref_path), **ref.info}}
+    return round(fid.frechet_distance(generated, ref), 4), details
 
 
 def _check_coco_arguments(reference, output, n, seed, batch_size, speed_teacher_steps) -> None:
@@ -272,7 +296,7 @@ def _claim(output: Path, settings: dict, write: bool) -> None:
     """Refuse to add images to a folder made with other settings; record the settings in a new folder."""
     path = output / GENERATION_FILE
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = {**UNRECORDED, **json.loads(path.read_text())}
         if changed := [f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]:
             raise UserError(f"--output {output} holds images made with other settings ({'; '.join(changed)}): pass "
                             "another --output, or delete that folder to start over")

@@ -13,7 +13,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from . import __version__, kohya
 from .checkpoint import (
     GENERATOR_EMA,
     checkpoint_dir,
@@ -24,6 +24,7 @@ from .checkpoint import (
 )
 from .config import DistillConfig
 from .errors import UserError
+from .files import follow_umask
 from .model_card import (  # noqa: F401 - re-exported: the export's file names and card live there
     EXAMPLE_PROMPT,
     FACTS_FILE,
@@ -82,61 +83,28 @@ def one_step_scheduler(teacher_scheduler_config: dict, t_star: int, prediction_t
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _split_peft_key(key: str) -> tuple[str, str]:
-    """`down_blocks.0.resnets.0.conv1.lora_A.weight` -> (`down_blocks.0.resnets.0.conv1`, `A`)."""
-    module, sep, rest = key.rpartition(".lora_")
-    assert sep and rest in ("A.weight", "B.weight"), f"unexpected generator LoRA key {key}"
-    return module, rest[0]
-
-
 def diffusers_state_dict(peft_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """peft keys -> the UNet keys diffusers' `load_lora_weights` reads: `unet.<module>.lora_A.weight`."""
     return {f"unet.{key}": value.contiguous() for key, value in peft_state.items()}
 
 
-def kohya_state_dict(peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """peft keys -> `lora_unet_<module_with_underscores>.lora_down.weight / .lora_up.weight / .alpha`."""
-    out = {}
-    for key, value in peft_state.items():
-        module, which = _split_peft_key(key)
-        name = "lora_unet_" + module.replace(".", "_")
-        out[f"{name}.lora_down.weight" if which == "A" else f"{name}.lora_up.weight"] = value.contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(alpha))
-    return out
-
-
-def check_kohya_round_trip(kohya: dict[str, torch.Tensor], peft_state: dict[str, torch.Tensor],
-                           pipeline_class: str = "StableDiffusionPipeline") -> None:
-    """Refuse a kohya file that diffusers' own kohya reader (SD's or SDXL's) would map to other modules than ours."""
-    import diffusers
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
-    converted = getattr(diffusers, pipeline_class).lora_state_dict(dict(kohya))[0]
-    back = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
-    lost = sorted({_split_peft_key(k)[0] for k in set(peft_state) ^ set(back)})
-    if lost:
-        raise UserError(
-            f"the kohya format cannot express LoRA modules {lost[:4]} (diffusers reads them back as other "
-            "modules): export without kohya (--format lora --format pipeline) or distill without them "
-            "in --target-modules"
-        )
-
-
 def lora_metadata(config: LoraConfig, facts: dict) -> dict[str, str]:
     """safetensors metadata: diffusers' LoRA config (so rank and alpha load right) and the run's facts."""
+    # rank_pattern / alpha_pattern (empty: one rank, alpha = rank everywhere) too: diffusers 0.39 to 0.41 read the
+    # metadata as LoraConfig keyword arguments and look both up without a default
     adapter = {"unet.r": config.r, "unet.lora_alpha": config.lora_alpha,
-               "unet.target_modules": sorted(config.target_modules)}
+               "unet.target_modules": sorted(config.target_modules), "unet.rank_pattern": {}, "unet.alpha_pattern": {}}
     meta = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, indent=2, sort_keys=True)}
     meta.update({FACTS_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in facts.items()})
     return meta
 
 
-def kohya_metadata(config: LoraConfig, facts: dict) -> dict[str, str]:
-    """The `ss_` keys kohya-ss writes and AUTOMATIC1111 / ComfyUI show, plus the run's facts."""
+def kohya_file_metadata(config: LoraConfig, facts: dict, base: str, resolution: int) -> dict[str, str]:
+    """kohya's metadata (kohya.kohya_metadata: which base model, rank, alpha) and the run's facts."""
     meta = lora_metadata(config, facts)
     del meta["lora_adapter_metadata"]
-    meta.update(ss_network_module="networks.lora", ss_network_dim=str(config.r),
-                ss_network_alpha=str(config.lora_alpha), ss_output_name="emd_t2i_generator")
+    meta.update(kohya.kohya_metadata(config.r, config.lora_alpha, sorted(config.target_modules), base,
+                                     facts["prediction_type"], resolution, "emd_t2i_generator"))
     return meta
 
 
@@ -293,14 +261,17 @@ def export_run(
             meta = lora_metadata(config, facts)
             save_file(diffusers_state_dict(state), str(tmp / LORA_FILE), metadata=meta)
         if "kohya" in formats:
-            kohya = kohya_state_dict(state, config.lora_alpha)
-            check_kohya_round_trip(kohya, state, pipeline_class)
-            save_file(kohya, str(tmp / KOHYA_FILE), metadata=kohya_metadata(config, facts))
+            base = kohya.base_model(teacher.unet.config)
+            weights = kohya.kohya_state_dict(state, config.lora_alpha, teacher.unet.config, base)
+            kohya.check_round_trip(weights, state, pipeline_class, teacher.unet.config)
+            save_file(weights, str(tmp / KOHYA_FILE),
+                      metadata=kohya_file_metadata(config, facts, base, teacher.resolution))
         if "pipeline" in formats:
             _write_pipeline(tmp / PIPELINE_DIR, teacher, scheduler)
         (tmp / FACTS_FILE).write_text(json.dumps({**facts, "formats": list(formats)}, indent=2) + "\n")
         card = model_card(facts, formats, output, read_eval(run_dir), read_eval(run_dir, "metrics.json"))
         (tmp / "README.md").write_text(card)
+        follow_umask(tmp)  # safetensors' save_file (ours and diffusers' save_pretrained's) makes files 0600
         _publish(tmp, output, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,8 +1,9 @@
-"""FID in the published COCO protocol: the 256 px crop-and-Lanczos transform, clean-fid's Inception, cached
-reference statistics."""
+"""FID in the published COCO protocols: the crop-and-Lanczos transform (256 px, or 512 px for DMD2's SDXL rows) or
+DMD2's centre 299 px patch, clean-fid's Inception, cached reference statistics."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from .coco import cache_dir
 from .errors import UserError
 
 EVAL_RESOLUTION = 256
-TRANSFORM = f"center crop to the short side, PIL Lanczos resize to {EVAL_RESOLUTION}x{EVAL_RESOLUTION}"
+PATCH = 299  # DMD2's patch FID: Inception's own input size, cut from the full-resolution image
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
 INCEPTION = f"clean-fid 'clean' mode: Inception-v3 {INCEPTION_FILE} pool3 (2048-d) after PIL bicubic resize to 299"
@@ -43,9 +44,46 @@ def center_crop_resize(image: Image.Image, size: int = EVAL_RESOLUTION) -> Image
     return image.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
 
 
+def center_patch(image: Image.Image, size: int = PATCH) -> Image.Image:
+    """The centre size x size patch at the image's own resolution, as DMD2's patch FID cuts it (torchvision's
+    `center_crop`; an image smaller than the patch on a side is left as it is)."""
+    w, h = image.size
+    if w < size or h < size:
+        return image
+    left, top = round((w - size) / 2), round((h - size) / 2)
+    return image.crop((left, top, left + size, top + size))
+
+
+@dataclass(frozen=True)
+class Transform:
+    """What every image, generated or real, goes through before clean-fid's own resize to 299; `name` is recorded
+    with statistics, and statistics made under another transform are refused. Picklable (no lambdas): clean-fid's
+    loader workers receive it."""
+
+    name: str
+    image: Callable[[Image.Image], Image.Image]
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        """On a uint8 HxWx3 array: clean-fid's `custom_image_tranform` hook."""
+        return np.asarray(self.image(Image.fromarray(array)))
+
+
+def crop_resize(size: int = EVAL_RESOLUTION) -> Transform:
+    return Transform(f"center crop to the short side, PIL Lanczos resize to {size}x{size}",
+                     functools.partial(center_crop_resize, size=size))
+
+
+def patch(size: int = PATCH) -> Transform:
+    return Transform(f"center {size}x{size} patch at full resolution (DMD2's patch FID)",
+                     functools.partial(center_patch, size=size))
+
+
+TRANSFORM = crop_resize().name  # the default protocol's
+
+
 def transform_array(array: np.ndarray) -> np.ndarray:
     """`center_crop_resize` on a uint8 HxWx3 array: clean-fid's `custom_image_tranform` hook."""
-    return np.asarray(center_crop_resize(Image.fromarray(array)))
+    return crop_resize()(array)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,13 +188,14 @@ def stats_of(features: np.ndarray, info: dict) -> FidStats:
 
 
 def file_features(files: Sequence[Path], extractor: Extractor, device, batch_size: int = 32,
-                  num_workers: int = 0, description: str = "FID features") -> np.ndarray:
+                  num_workers: int = 0, description: str = "FID features",
+                  transform: Transform | None = None) -> np.ndarray:
     """Features of these image files after the protocol's transform (clean-fid's `get_files_features`)."""
     from cleanfid.fid import get_files_features
 
     return get_files_features([str(f) for f in files], extractor.model, num_workers=num_workers,
                               batch_size=batch_size, device=torch.device(device), mode="clean",
-                              custom_image_tranform=transform_array, description=description)
+                              custom_image_tranform=transform or crop_resize(), description=description)
 
 
 def frechet_distance(a: FidStats, b: FidStats) -> float:
@@ -185,13 +224,15 @@ def _fingerprint(source: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def stats_cache_path(source: Path, extractor: Extractor) -> Path:
-    key = hashlib.sha256(f"{_fingerprint(source)}|{extractor.name}|{TRANSFORM}".encode()).hexdigest()[:16]
+def stats_cache_path(source: Path, extractor: Extractor, transform: Transform | None = None) -> Path:
+    name = (transform or crop_resize()).name
+    key = hashlib.sha256(f"{_fingerprint(source)}|{extractor.name}|{name}".encode()).hexdigest()[:16]
     return cache_dir() / "fid-stats" / f"{source.name}-{key}.npz"
 
 
 def compute_reference(source: str | Path, extractor: Extractor, device, *, output: Path | None = None,
-                      batch_size: int = 32, num_workers: int = 0) -> tuple[FidStats, Path]:
+                      batch_size: int = 32, num_workers: int = 0,
+                      transform: Transform | None = None) -> tuple[FidStats, Path]:
     """Statistics of every image in a folder (or zip) of real images under the protocol's transform, saved to
     `output` (default: the cache, where `--reference FOLDER` finds them next time)."""
     from cleanfid.fid import get_folder_features
@@ -200,35 +241,38 @@ def compute_reference(source: str | Path, extractor: Extractor, device, *, outpu
     if not source.exists():
         raise UserError(f"--reference {source} does not exist: pass the COCO val2014 image folder (or its zip), or "
                         "a statistics .npz made by `emd-t2i coco reference`")
-    path = output or stats_cache_path(source, extractor)
+    transform = transform or crop_resize()
+    path = output or stats_cache_path(source, extractor, transform)
     features = get_folder_features(str(source), extractor.model, num_workers=num_workers, batch_size=batch_size,
-                                   device=torch.device(device), mode="clean", custom_image_tranform=transform_array,
+                                   device=torch.device(device), mode="clean", custom_image_tranform=transform,
                                    description=f"reference {source.name}")
     if len(features) < 2:
         raise UserError(f"--reference {source} holds {len(features)} images: pass the folder of COCO val2014 images")
-    stats = stats_of(features, {"source": str(source), "extractor": extractor.name, "transform": TRANSFORM})
+    stats = stats_of(features, {"source": str(source), "extractor": extractor.name, "transform": transform.name})
     stats.save(path)
     return stats, path
 
 
 def reference_stats(reference: str | Path, extractor: Extractor, device, *, batch_size: int = 32,
-                    num_workers: int = 0) -> tuple[FidStats, Path]:
+                    num_workers: int = 0, transform: Transform | None = None) -> tuple[FidStats, Path]:
     """The reference statistics and the file they are in: a given .npz, the cached statistics of a folder,
     or, the first time a folder is used, computed and cached."""
-    path = Path(reference).expanduser()
+    path, transform = Path(reference).expanduser(), transform or crop_resize()
     if path.suffix == ".npz":
         if not path.is_file():
             raise UserError(f"--reference {path} does not exist: make it with `emd-t2i coco reference VAL2014_DIR "
                             f"--output {path}` or pass the image folder")
-        return check_reference(FidStats.load(path), path, extractor), path
-    if path.exists() and (cached := stats_cache_path(path, extractor)).is_file():
-        return check_reference(FidStats.load(cached), cached, extractor), cached
-    return compute_reference(path, extractor, device, batch_size=batch_size, num_workers=num_workers)
+        return check_reference(FidStats.load(path), path, extractor, transform), path
+    if path.exists() and (cached := stats_cache_path(path, extractor, transform)).is_file():
+        return check_reference(FidStats.load(cached), cached, extractor, transform), cached
+    return compute_reference(path, extractor, device, batch_size=batch_size, num_workers=num_workers,
+                             transform=transform)
 
 
-def check_reference(stats: FidStats, path: Path, extractor: Extractor) -> FidStats:
+def check_reference(stats: FidStats, path: Path, extractor: Extractor, transform: Transform | None = None) -> FidStats:
+    name = (transform or crop_resize()).name
     made = (stats.info.get("extractor"), stats.info.get("transform"))
-    if made != (extractor.name, TRANSFORM):
+    if made != (extractor.name, name):
         raise UserError(f"--reference {path} was computed with {made[0]!r} / {made[1]!r}, not {extractor.name!r} / "
-                        f"{TRANSFORM!r}: recompute it with `emd-t2i coco reference`")
+                        f"{name!r}: pass the image folder, or recompute it with `emd-t2i coco reference`")
     return stats

@@ -1,8 +1,10 @@
-"""Reads at a byte offset and atomic writes: what lazy prompt sources and the embedding store stand on."""
+"""Reads at a byte offset, atomic writes, and the mode of written files: what lazy prompt sources, the embedding
+store, checkpoints and exports stand on."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from collections import OrderedDict
@@ -119,3 +121,43 @@ def save_image_atomic(path: Path, image, **png_options) -> None:
     """A PIL image as a PNG, atomically (a PNG that exists is complete: resumable image folders rely on it)."""
     with atomic_output(path) as f:
         image.save(f, format="PNG", **png_options)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# File modes: what the project writes is readable as the user's umask says, like any file `open` creates
+# ---------------------------------------------------------------------------------------------------------
+
+
+def current_umask() -> int:
+    """The process umask. Linux reports it in /proc/self/status; elsewhere it can only be read by setting it, which
+    for an instant applies to files other threads create, so that fallback is taken once and remembered."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return _umask_by_setting()
+
+
+@functools.lru_cache(maxsize=1)
+def _umask_by_setting() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode `open` gives a new file: 0o666 less the umask (0o644 under the usual umask 022)."""
+    return 0o666 & ~current_umask()
+
+
+def follow_umask(path: Path) -> None:
+    """Give a file, or every file under a folder, the mode `open` would have given it. Some writers create private
+    files whatever the umask (safetensors 0.8's `save_file` makes them 0600), so that a shared LoRA, checkpoint or
+    pipeline folder could not be read by a UI or a colleague running as another user."""
+    path = Path(path)
+    mode = new_file_mode()
+    for file in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
+        os.chmod(file, mode)

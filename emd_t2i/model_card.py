@@ -43,6 +43,22 @@ image.save("sample.png")
 """
 
 
+# Which file each client should take. ComfyUI (comfy/lora.py, model_lora_keys_unet) knows diffusers LoRA attention
+# layers only under the old attention-processor names (`...attn1.processor.to_q`), so of the diffusers file it loads
+# the resnet, projection and feed-forward layers and reports every attention tensor as "not loaded" (154 of SD 1.5's
+# 282 modules); AUTOMATIC1111 (extensions-builtin/Lora/networks.py) reads no `unet.`-prefixed keys at all.
+CLIENT_FILES = (
+    ("diffusers (`load_lora_weights`)", f"`{LORA_FILE}`, or `{PIPELINE_DIR}/` with `from_pretrained`"),
+    ("ComfyUI (LoraLoader)", f"`{KOHYA_FILE}`: of `{LORA_FILE}` it would load no attention layer"),
+    ("AUTOMATIC1111 (`<lora:...>`)", f"`{KOHYA_FILE}`: it reads no diffusers-format LoRA keys"),
+)
+
+
+def client_table() -> str:
+    """The markdown table of which file each client should load (model card and docs/EXPORT.md)."""
+    return "| client | file |\n|---|---|\n" + "\n".join(f"| {c} | {f} |" for c, f in CLIENT_FILES) + "\n"
+
+
 def loading_snippets(export: str, teacher: str, pipeline_class: str = "StableDiffusionPipeline") -> dict[str, str]:
     """The two diffusers snippets (pipeline folder, teacher + LoRA) for an export at `export`; SDXL exports load
     with StableDiffusionXLPipeline (which has no safety checker to leave out)."""
@@ -75,16 +91,22 @@ def _rows(pairs) -> str:
 
 def _coco_section(metrics: dict) -> str:
     """The headline numbers of metrics.json: quality, and the speed a user weighs against it."""
-    captions, speed = metrics.get("captions", {}), metrics.get("speed", {})
-    rows = [("FID", metrics.get("fid")), ("CLIP score", metrics.get("clip_score")),
-            ("images", f"{metrics.get('images', {}).get('count')} ({captions.get('name') or captions.get('source')})")]
+    captions, speed, protocol = metrics.get("captions", {}), metrics.get("speed", {}), metrics.get("protocol")
+    rows = [("FID", metrics.get("fid"))] + ([("patch FID", metrics["patch_fid"])] if "patch_fid" in metrics else [])
+    rows += [("CLIP score", metrics.get("clip_score")),
+             ("images", f"{metrics.get('images', {}).get('count')} ({captions.get('name') or captions.get('source')})"),
+             ("precision, rounding", f"{metrics.get('precision')}, {metrics.get('rounding')}")]
     for key in ("one_step", "teacher"):
         if "latency_s" in (run := speed.get(key, {})):
             label = f"{key.replace('_', '-')} ({run['steps']} step{'s' * (run['steps'] != 1)}, {speed['hardware']['name']})"
             rows += [(f"{label} latency, batch 1", f"{run['latency_s']} s"),
                      (f"{label} images/s, batch {run['batch_size']}", run["images_per_s"])]
-    return ("Zero-shot COCO-2014 val, FID (clean-fid) and CLIP score (open_clip ViT-g-14) at 256 px "
-            "(docs/EVALUATION.md), from `metrics.json` of the run:\n\n| metric | value |\n|---|---|\n" + _rows(rows))
+    if isinstance(protocol, dict):
+        head = (f"Protocol `{protocol['name']}`: {protocol['description']}. Comparable with "
+                f"{protocol['comparable_with']} (docs/EVALUATION.md).")
+    else:
+        head = "Zero-shot COCO-2014 val, FID (clean-fid) and CLIP score (open_clip ViT-g-14) at 256 px."
+    return head + " From `metrics.json` of the run:\n\n| metric | value |\n|---|---|\n" + _rows(rows)
 
 
 def _eval_section(evaluation: dict | None, metrics: dict | None = None) -> str:
@@ -113,9 +135,10 @@ def model_card(facts: dict, formats: tuple[str, ...], output: Path, evaluation: 
                                 facts.get("pipeline_class", "StableDiffusionPipeline"))
     entry = TEACHERS.get(facts["teacher"])
     hyper = [(k, facts[k]) for k in facts if k not in ("version", "teacher", "teacher_source", "step")]
-    files = {"lora": f"`{LORA_FILE}`: diffusers LoRA (load with `load_lora_weights`)",
+    files = {"lora": f"`{LORA_FILE}`: diffusers LoRA (load with `load_lora_weights`; not for ComfyUI or "
+                     "AUTOMATIC1111, see below)",
              "pipeline": f"`{PIPELINE_DIR}/`: a complete diffusers pipeline, LoRA fused, one-step scheduler",
-             "kohya": f"`{KOHYA_FILE}`: the same LoRA with kohya keys (AUTOMATIC1111, ComfyUI)"}
+             "kohya": f"`{KOHYA_FILE}`: the same LoRA with kohya keys and metadata (ComfyUI, AUTOMATIC1111)"}
     parts = [
         _front_matter(facts["teacher_source"]),
         f"# One-step generator distilled from {facts['teacher']} with EM Distillation\n",
@@ -128,6 +151,7 @@ def model_card(facts: dict, formats: tuple[str, ...], output: Path, evaluation: 
         f"- `{SCHEDULER_DIR}/`: the one-step DDIM scheduler (its single step is t* = {facts['t_star']})",
         f"- `{FACTS_FILE}`: the facts below as JSON (also in the safetensors metadata: `{FACTS_PREFIX}*`)\n",
         "## How it was distilled\n", "| setting | value |\n|---|---|\n" + _rows(hyper) + "\n",
+        "## Which file for which client\n", client_table(),
         "## Loading it with diffusers\n",
     ]
     if "pipeline" in formats:

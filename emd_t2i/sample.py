@@ -196,21 +196,34 @@ def sample(
 def _teacher_images(root: Path, prompts: list[str], z: Tensor, steps: int, guidance_scale: float | None,
                     device, dtype, batch_size: int) -> list[Image.Image]:
     """The teacher (its id from emd_t2i.json) with DDIM on its own noise schedule, from the same z."""
-    from diffusers import DDIMScheduler
-
     facts = load_facts(root)
     if facts is None:
         raise UserError(f"{root} has no {FACTS_FILE} naming the teacher: pass --model a folder written by "
                         "`emd-t2i export` to render teacher images")
     teacher = load_teacher(facts["teacher_source"], dtype=dtype, device=device)
+    scale = facts["guidance_scale"] if guidance_scale is None else guidance_scale
+    return teacher_images(teacher, prompts, z, steps, scale, batch_size)
+
+
+@torch.no_grad()
+def teacher_images(teacher, prompts: list[str], z: Tensor, steps: int, guidance_scale: float,
+                   batch_size: int = 8) -> list[Image.Image]:
+    """A loaded teacher (SD or SDXL; a UNet carrying LoRA adapters must have them off) sampled with `steps` DDIM
+    steps on its own noise schedule and classifier-free guidance, from the latents z (one per prompt). The VAE
+    decodes through `decode_latents` (which runs a VAE in float32 when half precision would overflow, and may leave it
+    there: the pipeline's own decoding would then meet half-precision latents), and the pipeline's image processor
+    makes the PIL images, so they equal the pipeline's own output."""
+    from diffusers import DDIMScheduler
+
     # clip_sample=False: StableDiffusionPipeline forces it for DDIM anyway (SD's configs leave it unset)
     pipe = as_pipeline(teacher, DDIMScheduler.from_config(teacher.scheduler.config, clip_sample=False))
-    scale = facts["guidance_scale"] if guidance_scale is None else guidance_scale
+    device, dtype = teacher.unet.device, teacher.unet.dtype
     images = []
     for start in range(0, len(prompts), batch_size):
-        out = pipe(prompts[start:start + batch_size], num_inference_steps=steps, guidance_scale=scale,
-                   latents=z[start:start + batch_size])
-        images += out.images
+        latents = pipe(prompts[start:start + batch_size], num_inference_steps=steps, guidance_scale=guidance_scale,
+                       latents=z[start:start + batch_size].to(device, dtype), output_type="latent").images
+        decoded = decode_latents(teacher.vae, latents, teacher.scaling_factor)
+        images += pipe.image_processor.postprocess(decoded, output_type="pil")
     return images
 
 

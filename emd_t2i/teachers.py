@@ -162,6 +162,11 @@ def _read_json(source: str, filename: str) -> dict:
         raise _not_available(source, filename, err) from err
 
 
+def is_sdxl_source(spec: str) -> bool:
+    """Whether a teacher spec (name, folder or hub id) is an SDXL pipeline, from its model_index.json alone."""
+    return _read_json(resolve_teacher(spec), "model_index.json").get("_class_name") == SDXL_PIPELINE
+
+
 def _check_supported(source: str, model_index: dict, unet_config: dict, text_config: dict,
                      text_config_2: dict | None = None) -> None:
     kind = model_index.get("_class_name")

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import grids
 from .config import DistillConfig, resolve_mixed_precision
 from .distributed import check_ranks_agree, make_accelerator
 from .ema import ema_decay_at, update_ema
@@ -21,7 +22,7 @@ from .embeddings import open_embeddings
 from .emd import EMDSettings
 from .errors import UserError
 from .files import save_image_atomic, write_text_atomic
-from .images import decode_latents, make_grid, to_pil
+from .images import decode_latents, to_pil
 from .interrupt import Interrupted, StopRequest
 from .iteration import (
     Window,
@@ -198,16 +199,19 @@ def resume(run: Run, run_dir: Path, accelerator) -> None:
     print(f"resuming from {latest} (iteration {run.step})")
 
 
-def validation_grid(run: Run, cache, prompts: list[str], teacher, seed: int, path: Path):
-    """One-step samples for fixed prompts and seeds (seed + i for prompt i), decoded and saved as one PNG."""
+def validation_grid(run: Run, cache, prompts: list[str], teacher, seed: int, path: Path, guidance: float):
+    """One-step samples for fixed prompts and seeds (seed + i for prompt i) beside the teacher's N-step images from
+    the same noise at the run's guidance (made once, kept in samples/teacher/), labelled, saved as one PNG."""
     device = next(run.roles.unet.parameters()).device
     shape = (teacher.latent_channels, teacher.latent_size, teacher.latent_size)
-    z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))])
+    seeds = [seed + i for i in range(len(prompts))]
+    z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     with torch.no_grad(), run.exported_weights():
         x0 = run.roles.generator(z.to(device), cache.get(prompts, device=device))
         run.roles.activate(None)
     images = to_pil(decode_latents(teacher.vae, x0, teacher.scaling_factor))
-    grid = make_grid(images, columns=min(len(images), 8))
+    reference = grids.teacher_reference(teacher, prompts, seeds, z, guidance, path.parent / "teacher")
+    grid = grids.validation_figure(reference, images, prompts, seeds, grids.TEACHER_STEPS, guidance, run.step)
     save_image_atomic(path, grid)
     return grid
 
@@ -325,7 +329,7 @@ def _distill(cfg: DistillConfig, accelerator, run_dir: Path, stop_after: int | N
                     (cfg.validate_every and run.step % cfg.validate_every == 0) or run.step == cfg.iterations
                 ):
                     grid = validation_grid(run, cache, validation_prompts, teacher, cfg.seed,
-                                           run_dir / "samples" / f"step-{run.step:06d}.png")
+                                           run_dir / "samples" / f"step-{run.step:06d}.png", cfg.guidance_scale)
                     _log_image(accelerator, cfg, grid, run.step)
                 saved = run.step % cfg.checkpoint_every == 0 or run.step == last_step
                 if saved:

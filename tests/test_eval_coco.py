@@ -23,7 +23,7 @@ from emd_t2i import evaluate as evaluate_module
 from emd_t2i import fid
 from emd_t2i.cli import app
 from emd_t2i.clipscore import CLIP_PREFIX, ClipScorer, check_clip_weights
-from emd_t2i.coco import COCO_30K, load_caption_list, prepare_captions
+from emd_t2i.coco import COCO_30K, EMD_30K, list_name, load_caption_list, prepare_captions
 from emd_t2i.errors import UserError
 from emd_t2i.eval_images import generate_missing, image_path, open_source
 from emd_t2i.evaluate import Extractors, evaluate_coco
@@ -145,7 +145,8 @@ def test_caption_list_from_the_annotation_file(tmp_path, cache):
     assert again.captions == listing.captions and shorter.captions == listing.captions[:4]
     assert other.captions != listing.captions
     with pytest.raises(UserError, match="emd-t2i coco captions"):
-        load_caption_list(COCO_30K)  # not prepared yet
+        load_caption_list(COCO_30K)  # the published list is not prepared by a draw
+    assert list_name(30_000, 0) == EMD_30K != COCO_30K
     result = CliRunner().invoke(app, ["coco", "captions", str(source), "--n", "11"])
     assert result.exit_code == 2 and "--n must be between 1 and the 10" in result.output
 
@@ -256,6 +257,8 @@ def test_the_whole_path_resumes_and_writes_metrics(run, reference_dir, tmp_path,
 
     # every setting
     assert metrics["model"]["kind"] == "one-step export" and metrics["model"]["steps"] == 1
+    assert (metrics["protocol"]["name"], metrics["precision"], metrics["rounding"]) == ("coco2014-30k-256", "float32",
+                                                                                        "round")
     assert metrics["model"]["t_star"] == 999 and metrics["model"]["resolution"] == 16
     assert (metrics["captions"]["used"], metrics["captions"]["seed"], metrics["captions"]["name"]) == \
         (8, 0, "coco2014-val-8-seed0")

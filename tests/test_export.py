@@ -30,6 +30,7 @@ from emd_t2i.export import (
     export_run,
     loading_snippets,
 )
+from emd_t2i.model_card import client_table
 from emd_t2i.roles import FAKE_SCORE, GENERATOR, Roles, adapter_state_dict, add_roles, load_adapter_state_dict
 from emd_t2i.sample import initial_noise, sample
 from emd_t2i.teachers import load_teacher
@@ -222,6 +223,7 @@ def test_metadata_describes_the_run(exported):
     assert all(k.startswith("unet.") and ".lora_" in k for k in load_file(str(export / LORA_FILE)))
     assert json.loads(meta["lora_adapter_metadata"])["unet.r"] == RANK
     assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == RANK
+    assert json.loads(meta["lora_adapter_metadata"])["unet.rank_pattern"] == {}  # diffusers 0.39-0.41 need the key
     assert meta["emd_t2i.teacher"] == cfg.teacher
     assert json.loads(meta["emd_t2i.t_star"]) == cfg.t_star
     assert json.loads(meta["emd_t2i.guidance_scale"]) == GUIDANCE
@@ -229,7 +231,11 @@ def test_metadata_describes_the_run(exported):
     for key in ("version", "num_langevin_steps", "gamma_eps", "gamma_z", "iterations"):
         assert FACTS_PREFIX + key in meta
     with safe_open(str(export / KOHYA_FILE), "pt") as f:
-        assert f.metadata()["ss_network_dim"] == str(RANK)
+        kohya_meta = f.metadata()
+    assert kohya_meta["ss_network_dim"] == str(RANK) and kohya_meta["ss_network_alpha"] == str(float(RANK))
+    v_prediction = cfg.t_star == 500  # the v-prediction fixture; both tiny teachers have SD 1.x's shape
+    assert kohya_meta["ss_base_model_version"] == "sd_v1" + "_v" * v_prediction and kohya_meta["ss_v2"] == "False"
+    assert kohya_meta[FACTS_PREFIX + "teacher"] == cfg.teacher
     facts = json.loads((export / FACTS_FILE).read_text())
     assert facts["t_star"] == cfg.t_star and facts["formats"] == ["lora", "pipeline", "kohya"]
     alpha_bar = float(DDIMScheduler.from_pretrained(export / SCHEDULER_DIR).alphas_cumprod[cfg.t_star])
@@ -241,9 +247,12 @@ def test_metadata_describes_the_run(exported):
     assert list((export / PIPELINE_DIR / "unet").glob("*.safetensors"))
 
 
-def test_docs_show_the_card_snippets():
-    """docs/EXPORT.md shows the same code the card carries (and the test above runs)."""
+def test_docs_show_the_card_snippets(eps_export):
+    """docs/EXPORT.md shows the same code the card carries (and the test above runs), and the same table of which
+    file each client takes."""
     text = DOCS.read_text()
+    assert client_table() in text and client_table() in (eps_export[1] / "README.md").read_text()
+    assert "| ComfyUI (LoraLoader) | `emd_lora_kohya.safetensors`" in client_table()
     example = loading_snippets("runs/emd/export", "stable-diffusion-v1-5/stable-diffusion-v1-5")
     for snippet in example.values():
         assert snippet in text

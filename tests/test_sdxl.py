@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 from test_export import LATENT_ATOL, PIXEL_ATOL, RANK
 from tiny import TINY_SDXL_POOLED, randomize_lora
@@ -179,7 +180,11 @@ def test_sdxl_distills_resumes_and_exports_through_the_cli(tiny_sdxl_teacher_dir
         plain = lora_pipe.unet(z, torch.tensor([999]), encoder_hidden_states=cond, added_cond_kwargs=added).sample
     torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)
     assert (plain - outs[1]).abs().max() > 1e-4  # the distilled LoRA really changes the UNet
-    assert all(k.startswith("lora_unet_") for k in load_file(str(export / KOHYA_FILE)))
+    keys = load_file(str(export / KOHYA_FILE))
+    assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+               for k in keys)  # Stability's names, as kohya's SDXL trainer writes them (tests/test_kohya.py)
+    with safe_open(str(export / KOHYA_FILE), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"  # AUTOMATIC1111 lists it under SDXL
 
     # The card's snippets are the SDXL ones.
     assert loading_snippets(export.as_posix(), facts["teacher_source"],

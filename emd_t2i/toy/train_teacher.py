@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from emd_t2i.ema import ema_decay_at, update_ema
-from emd_t2i.files import atomic_output
+from emd_t2i.files import atomic_output, follow_umask
 from emd_t2i.schedule import alpha_sigma, forward_noise, sd_alphas_cumprod
 from emd_t2i.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer
 from emd_t2i.toy import domain
@@ -126,6 +126,7 @@ def export_pipeline(vae, text_encoder, unet, output_dir: Path, meta: dict) -> No
                                    scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    follow_umask(tmp)
     (tmp / "toy_teacher.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(old, ignore_errors=True)
     if output_dir.exists():
