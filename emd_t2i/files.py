@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections import OrderedDict
@@ -100,6 +101,15 @@ def atomic_output(path: Path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def file_sha256(path: Path, digest=None) -> str:
+    """The sha256 of a file's bytes, read in 4 MiB blocks (or fed into `digest`, to hash several files as one)."""
+    digest = digest or hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_atomic(path: Path, data: bytes) -> None:
