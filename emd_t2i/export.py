@@ -24,6 +24,7 @@ from .checkpoint import (
 )
 from .config import DistillConfig
 from .errors import UserError
+from .files import WRITE_ERRORS, write_failure
 from .model_card import (  # noqa: F401 - re-exported: the export's file names and card live there
     EXAMPLE_PROMPT,
     FACTS_FILE,
@@ -302,6 +303,8 @@ def export_run(
         card = model_card(facts, formats, output, read_eval(run_dir), read_eval(run_dir, "metrics.json"))
         (tmp / "README.md").write_text(card)
         _publish(tmp, output, overwrite)
+    except WRITE_ERRORS as err:  # a full disk, whichever writer met it; the half-written folder goes below
+        raise write_failure(output, err) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output

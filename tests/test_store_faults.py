@@ -1,7 +1,9 @@
 """A damaged embedding store is found where it is read, ends in one line naming the file, and `emd-t2i prompts
-encode` repairs exactly what fails verification."""
+encode` repairs exactly what fails verification; a run refused by its inputs leaves no config.json behind."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -56,6 +58,23 @@ def test_a_damaged_store_is_one_line_and_encode_repairs_it(tiny_teacher_dir, tmp
     repaired = "1 encoded now, 2 kept" if name.startswith("shard") else "0 encoded now, 3 kept"
     assert repaired in output, output
     torch.testing.assert_close(EmbeddingStore(store).get(prompts), before)
+
+
+def test_a_refused_start_writes_no_config_and_the_corrected_command_runs(tiny_teacher_dir, prompt_file, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(distinct_prompts(6)) + "\n")
+    store = tmp_path / "store"
+    encode(tiny_teacher_dir, prompt_file, store)  # made for prompt_file
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", str(tiny_teacher_dir), "--embeddings", str(store), "--output", str(out),
+            "--iterations", "1", "--batch-size", "2", "--generator-rank", "4", "--fake-rank", "4", "--fake-updates",
+            "1", "--validate-every", "0", "--device", "cpu", "--no-export"]
+    result = CliRunner().invoke(app, args + ["--prompts", str(other)])
+    assert result.exit_code == 2 and "was made for other prompts" in result.output, result.output
+    assert not (out / "config.json").exists()
+    result = CliRunner().invoke(app, args + ["--prompts", str(prompt_file)])  # the corrected command
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["prompts"] == str(prompt_file)
 
 
 def test_a_run_that_meets_a_damaged_shard_ends_in_one_line(tiny_teacher_dir, prompt_file, tmp_path):
