@@ -116,11 +116,12 @@ def coco_reference(
 
     import torch
 
-    from .fid import compute_reference, load_inception
+    from .fid import compute_reference, load_inception, reference_images
 
     if output is not None and output.suffix != ".npz":
         raise UserError(f"--output {output} must end in .npz")
     file_flag("--output", output)
+    reference_images(images, flag="IMAGES")  # the folder first: a mistake there should not wait for the weights
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     _, path = compute_reference(images, load_inception(device, inception_weights), device, output=output,
