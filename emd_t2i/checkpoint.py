@@ -10,7 +10,8 @@ Layout of a run folder:
         generator_ema.safetensors    the EMA of the generator (with --ema-decay > 0): what is exported
         training_state.pt            optimizers, loss scalers, RNG states, step
         manifest.json                size and sha256 of each file above, written last: a checkpoint
-                                     whose files do not match it is skipped (moved to corrupt-step-*)
+                                     whose files do not match it, or that does not load, is moved to
+                                     corrupt-step-* when an intact one precedes it
     export/                          what `emd-t2i export` writes
 """
 

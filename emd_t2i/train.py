@@ -131,10 +131,10 @@ def resume(run: Run, cfg: DistillConfig, accelerator) -> None:
 
     def pick():
         found = ckpt.latest_intact_checkpoint(run_dir, needed)
-        truncate_log(run_dir / "log.jsonl", found[2]["step"] if found else 0)
         if found and found[2].get("global_batch", cfg.global_batch(world)) != cfg.global_batch(world):
             raise UserError(f"{found[0]} was made at a global batch of {found[2]['global_batch']}, config.json says "
                             f"{cfg.global_batch(world)}: restore the run's config.json, or start over with --overwrite")
+        truncate_log(run_dir / "log.jsonl", found[2]["step"] if found else 0)
         return found
 
     found = agreed(accelerator, pick, main_only=True)
@@ -144,13 +144,15 @@ def resume(run: Run, cfg: DistillConfig, accelerator) -> None:
     if step < 0:
         return
 
-    def read():  # on the other processes: the checkpoint the main process chose
+    def read():  # the other processes read the checkpoint the main process chose
+        if found:
+            return found
+        path = ckpt.checkpoint_dir(run_dir, step)
         try:
-            return found or (ckpt.checkpoint_dir(run_dir, step), *ckpt.read_checkpoint(ckpt.checkpoint_dir(run_dir, step),
-                                                                                       needed))
+            return (path, *ckpt.read_checkpoint(path, needed))
         except ckpt.DamagedCheckpoint as err:
-            raise UserError(f"process {accelerator.process_index} cannot read {ckpt.checkpoint_dir(run_dir, step)} "
-                            f"({err}): the run folder must be on storage every process sees") from err
+            raise UserError(f"process {accelerator.process_index} cannot read {path} ({err}): the run folder must "
+                            "be on storage every process sees") from err
 
     latest, adapters, state = agreed(accelerator, read)
     if run.ema is not None:  # the EMA goes through the generator adapter first, then the raw weights replace it
