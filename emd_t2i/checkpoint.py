@@ -10,14 +10,13 @@ Layout of a run folder:
         generator_ema.safetensors    the EMA of the generator (with --ema-decay > 0): what is exported
         training_state.pt            optimizers, loss scalers, RNG states, step
         manifest.json                size and sha256 of each file above, written last: a checkpoint
-                                     whose files do not match it is skipped (moved to corrupt-step-*)
+                                     whose files do not match it, or that does not load, is moved to
+                                     corrupt-step-* when an intact one precedes it
     export/                          what `emd-t2i export` writes
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import re
@@ -30,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .files import follow_umask
+from .files import WRITE_ERRORS, file_sha256, follow_umask, unused_path, write_failure
 from .roles import FAKE_SCORE, GENERATOR
 
 GENERATOR_EMA = "generator_ema"
@@ -70,12 +69,13 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint to a hidden folder, fsync it, then rename it into place (atomic on POSIX), then prune.
 
-    A crash or a full disk at any point leaves the previous checkpoints as they were.
+    A crash, a full disk or any other failed write at any point leaves the previous checkpoints as they were and
+    the hidden folder removed; a failed write ends in one line.
     """
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name, state in adapters.items():
             save_file(state, str(tmp / f"{name}.safetensors"), metadata=metadata)
@@ -85,15 +85,13 @@ def save_checkpoint(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         for path in tmp.iterdir():
             _fsync(path)
-    except OSError as err:
+    except BaseException as err:  # a Ctrl-C mid-write too: never leave a half-written folder to fill the disk
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            last = latest_checkpoint(run_dir)
-            raise UserError(
-                f"no space left on the disk of {run_dir} while saving iteration {step}: free some space and run the "
-                f"same command again (it resumes from {last.name if last else 'the start'}, which is intact)"
-            ) from None
-        raise
+        if not isinstance(err, WRITE_ERRORS):
+            raise
+        last = latest_checkpoint(run_dir)
+        resumes = f"it resumes from {last.name}, which is intact" if last else "it starts from the beginning"
+        raise write_failure(final, err, f"run the same command again ({resumes})") from err
     if final.exists():  # a re-save of the same step (e.g. a stop right after a checkpoint)
         shutil.rmtree(final)
     tmp.rename(final)
@@ -103,12 +101,15 @@ def save_checkpoint(
     return final
 
 
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Delete the hidden folders of checkpoints a killed process was writing (they may hold most of a disk)."""
+    root = Path(run_dir) / "checkpoints"
+    for partial in root.glob(".tmp-*") if root.is_dir() else ():
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def _fingerprint(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _fsync(path: Path) -> None:
@@ -121,14 +122,18 @@ def _fsync(path: Path) -> None:
 
 
 def verify_checkpoint(ckpt: Path) -> str | None:
-    """What is wrong with a checkpoint's files (None: they match its manifest). Checkpoints written before
-    manifests existed are taken as they are."""
+    """What is wrong with a checkpoint's files by its manifest (None: they match it, or it has none: then only
+    loading it tells, see `read_checkpoint`)."""
     manifest_path = Path(ckpt) / MANIFEST
     if not manifest_path.is_file():
-        return None if (Path(ckpt) / "training_state.pt").is_file() else "no training_state.pt"
+        return None
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = json.loads(manifest_path.read_bytes())  # bytes: bad UTF-8 is a ValueError like bad JSON
+    except (OSError, ValueError):
+        return f"unreadable {MANIFEST}"
+    if not isinstance(manifest, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+            for v in manifest.values()):
         return f"unreadable {MANIFEST}"
     for name, expected in manifest.items():
         path = Path(ckpt) / name
@@ -141,19 +146,57 @@ def verify_checkpoint(ckpt: Path) -> str | None:
     return None
 
 
-def latest_valid_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint whose files are intact. A damaged one is moved aside to corrupt-step-* (kept, not
-    deleted) with a warning, and the one before it is used."""
+class DamagedCheckpoint(Exception):
+    """A checkpoint whose files do not match its manifest or do not load; the message says what is wrong."""
+
+
+def read_checkpoint(ckpt: Path, adapters: tuple[str, ...] = (GENERATOR, FAKE_SCORE)) -> tuple[dict, dict]:
+    """(LoRA state dicts, training state) of a checkpoint that verifies and loads, else DamagedCheckpoint.
+    `adapters` are the ones the run needs (the EMA's too when it keeps one)."""
+    problem = verify_checkpoint(ckpt)
+    if problem is None and (missing := [n for n in adapters if not (Path(ckpt) / f"{n}.safetensors").is_file()]):
+        problem = f"{missing[0]}.safetensors is missing"
+    if problem is None:
+        try:
+            state_dicts, state = load_adapters(ckpt), load_training_state(ckpt)
+        except Exception as err:  # noqa: BLE001 - what a damaged file makes a loader raise is the file's fault
+            problem = f"it does not load ({type(err).__name__})"
+        else:
+            if not isinstance(state, dict) or "step" not in state:
+                problem = "training_state.pt holds no training state"
+    if problem is not None:
+        raise DamagedCheckpoint(problem)
+    return state_dicts, state
+
+
+def latest_intact_checkpoint(run_dir: Path, adapters: tuple[str, ...] = (GENERATOR, FAKE_SCORE)):
+    """(path, LoRA state dicts, training state) of the newest checkpoint that verifies and loads, or None when the
+    run has none. A damaged one newer than it is moved aside to corrupt-step-* (kept, not deleted) with a warning.
+    When every checkpoint is damaged nothing is moved and a UserError names them: starting over is the user's call."""
+    damaged = []
     for ckpt in reversed(list_checkpoints(run_dir)):
-        problem = verify_checkpoint(ckpt)
-        if problem is None:
-            return ckpt
-        aside = ckpt.with_name(f"corrupt-{ckpt.name}")
-        shutil.rmtree(aside, ignore_errors=True)
-        ckpt.rename(aside)
-        print(f"warning: checkpoint {ckpt.name} is damaged ({problem}); moved it to {aside.name} and resuming "
-              "from the one before it", file=sys.stderr)
+        try:
+            state_dicts, state = read_checkpoint(ckpt, adapters)
+        except DamagedCheckpoint as err:
+            damaged.append((ckpt, str(err)))
+            continue
+        for bad, problem in damaged:
+            aside = _set_aside(bad)
+            print(f"warning: checkpoint {bad.name} is damaged ({problem}); moved it to {aside.name} and resuming "
+                  "from the one before it", file=sys.stderr)
+        return ckpt, state_dicts, state
+    if damaged:
+        found = "; ".join(f"{ckpt.name}: {problem}" for ckpt, problem in damaged)
+        raise UserError(f"every checkpoint of {run_dir} is damaged ({found}); nothing was changed: restore them, or "
+                        "add --overwrite to start over (the run folder is moved aside, never deleted)")
     return None
+
+
+def _set_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint to corrupt-step-N (corrupt-step-N.2, ... if that name is taken)."""
+    aside = unused_path(ckpt.with_name(f"corrupt-{ckpt.name}"))
+    ckpt.rename(aside)
+    return aside
 
 
 def load_adapters(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -184,6 +227,8 @@ class RunLock:
         import fcntl
 
         self.release()
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"--output {self.run_dir} is a file: give a folder for the run (new, empty, or a run's)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.run_dir, os.O_RDONLY)
         try:

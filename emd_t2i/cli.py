@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_common import _literal, fail, user_errors
+from .cli_common import _literal, fail, folder_flag, user_errors
 from .cli_data import coco_app, prompts_app
 from .config import EVAL_PROMPTS, PRESETS, DistillConfig, build_config, resolve_mixed_precision
 from .errors import UserError
@@ -106,7 +106,7 @@ def distill(
     device: Annotated[str | None, opt("device", WATCH)] = None,
     profile: Annotated[bool | None, opt("profile", WATCH)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved config and check inputs; train nothing")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="start over in an --output that holds another run (the old one is moved aside)")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="start over: a run already in --output is moved aside (never deleted)")] = False,
     no_export: Annotated[bool, typer.Option("--no-export", help="do not export at the end")] = False,
 ):
     """Distill a teacher into a one-step generator. Running the same command again resumes."""
@@ -121,21 +121,21 @@ def distill(
         return
     from .train import distill as run_distill
 
+    def export_at_end(run_dir: Path) -> None:  # on the main process, while the run folder is still locked
+        from .export import export_run
+
+        typer.echo(f"exported to {export_run(run_dir, overwrite=True)}")
+
     try:
-        run_dir = run_distill(cfg, overwrite=overwrite)
+        run_dir = run_distill(cfg, overwrite=overwrite, finish=None if no_export else export_at_end)
     except KeyboardInterrupt as err:  # Interrupted (saved, between iterations) or a second Ctrl-C (not saved)
         raise typer.Exit(getattr(err, "exit_code", 130)) from None
     except FloatingPointError as err:  # persistent NaN/inf: the run saved a checkpoint and stopped cleanly
         raise fail(str(err), code=1) from None
     from accelerate import PartialState
 
-    if not PartialState().is_main_process:  # one export, one report: the other processes are done
-        return
-    if not no_export:
-        from .export import export_run
-
-        typer.echo(f"exported to {export_run(run_dir, overwrite=True)}")
-    typer.echo(f"run folder: {run_dir}")
+    if PartialState().is_main_process:  # one report: the other processes are done
+        typer.echo(f"run folder: {run_dir}")
 
 
 def dry_run_summary(cfg: DistillConfig) -> str:
@@ -200,6 +200,8 @@ def toy_train_teacher(
 
     from .toy.train_teacher import TeacherRecipe, train_teacher
 
+    folder_flag("--output", output)
+    folder_flag("--checkpoints", checkpoints)
     given = {"unet_steps": unet_steps, "vae_steps": vae_steps, "num_images": num_images, "batch_size": batch_size}
     if any(v is not None and v < 1 for v in given.values()):
         raise UserError("--unet-steps, --vae-steps, --num-images and --batch-size must be >= 1")
@@ -227,6 +229,7 @@ def export(
     """Export a run: diffusers LoRA, a one-step diffusers pipeline folder, a kohya LoRA, and a model card."""
     from .export import FORMATS, export_run
 
+    folder_flag("--output", output)
     formats = tuple(FORMATS) if not format or "all" in format else tuple(format)
     step = int(checkpoint) if checkpoint and checkpoint.isdigit() else checkpoint
     path = export_run(run_dir, output=output, formats=formats, overwrite=overwrite, checkpoint=step, raw=raw)
@@ -250,6 +253,8 @@ def sample(
     """Generate images with a distilled model: one UNet call per image."""
     from .sample import sample as run_sample
     from .sample import save_samples
+
+    folder_flag("--output", output)
 
     if prompts:
         from .prompts import load_prompts
@@ -304,6 +309,7 @@ def evaluate(
             raise UserError("--n must be >= 2")
         typer.echo(json.dumps(evaluate_export(model, n=n or EVAL_PROMPTS, device=device or "cpu"), indent=2))
         return
+    folder_flag("--output", output)
     metrics = evaluate_coco(model, prompts=prompts, reference=reference, output=output, n=n, steps=steps,
                             guidance=guidance, scheduler=scheduler, seed=seed, batch_size=batch_size,
                             device=device or "auto", clip_weights=clip_weights, inception_weights=inception_weights,

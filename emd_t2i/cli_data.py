@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_common import _literal, user_errors
+from .cli_common import _literal, file_flag, folder_flag, user_errors
 from .errors import UserError
 
 prompts_app = typer.Typer(help="Prompt sources and their text embeddings: encode once, reuse across runs and ranks.",
@@ -39,6 +39,7 @@ def prompts_encode(
     from .prompts import open_prompts
 
     check_encode_settings(batch_size, shard_size, dtype)
+    folder_flag("--output", output)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device is visible; use --device cpu")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -97,6 +98,7 @@ def coco_captions(
     sha256), or a seeded draw from COCO-2014 val annotations (n images, one caption each)."""
     from .coco import COCO_30K, DEFAULT_CAPTION_SEED, DEFAULT_CAPTIONS, list_name, prepare_captions
 
+    file_flag("--output", output)
     path = prepare_captions(source, output, n=n, seed=seed, split=split, caption_column=caption_column,
                             image_column=image_column)
     if Path(source).suffix.lower() == ".txt":
@@ -120,10 +122,12 @@ def coco_reference(
 
     import torch
 
-    from .fid import compute_reference, load_inception
+    from .fid import compute_reference, load_inception, reference_images
 
     if output is not None and output.suffix != ".npz":
         raise UserError(f"--output {output} must end in .npz")
+    file_flag("--output", output)
+    reference_images(images, flag="IMAGES")  # the folder first: a mistake there should not wait for the weights
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     _, path = compute_reference(images, load_inception(device, inception_weights), device, output=output,

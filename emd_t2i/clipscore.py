@@ -76,16 +76,50 @@ def check_clip_weights(weights: str | Path | None = None) -> str:
         if not path.is_file():
             raise UserError(f"--clip-weights {weights} is not a file: give the path of {CLIP_FILES[1]} "
                             f"(or {CLIP_FILES[0]}) from {CLIP_HUB}")
+        check_clip_file(path)
         return str(path)
     import open_clip
     from huggingface_hub import constants
     from open_clip.pretrained import download_pretrained
 
     try:
-        return download_pretrained(open_clip.get_pretrained_cfg(CLIP_ARCH, CLIP_PRETRAINED))
+        path = download_pretrained(open_clip.get_pretrained_cfg(CLIP_ARCH, CLIP_PRETRAINED))
     except (RuntimeError, FileNotFoundError, OSError) as err:
         why = "the hub is offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the download failed"
         raise _missing(f"in the Hugging Face cache {constants.HF_HUB_CACHE} and {why}") from err
+    check_clip_file(Path(path))
+    return path
+
+
+def clip_shapes() -> dict[str, tuple[int, int]]:
+    """Shapes of two weights every open_clip CLIP of this architecture has, from its config."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(CLIP_ARCH)
+    return {"visual.proj": (cfg["vision_cfg"]["width"], cfg["embed_dim"]),
+            "text_projection": (cfg["text_cfg"]["width"], cfg["embed_dim"])}
+
+
+def check_clip_file(path: Path) -> None:
+    """Read a weights file's tensor shapes only (the safetensors header, or torch's zip index mapped, not loaded)
+    and refuse one that is not open_clip's ViT-g-14, so a wrong file stops the run before its images are made."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                names = set(f.keys())
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in clip_shapes() if k in names}
+        else:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else {}
+            shapes = {k: tuple(state[k].shape) for k in clip_shapes() if k in state}
+    except Exception as err:  # whatever the loader raises on a damaged or foreign file
+        raise UserError(f"CLIP weights {path} do not load ({type(err).__name__}): give --clip-weights the "
+                        f"{CLIP_FILES[1]} or {CLIP_FILES[0]} of {CLIP_HUB}") from err
+    if shapes != clip_shapes():
+        raise UserError(f"CLIP weights {path} are not open_clip {CLIP_ARCH} (projections {shapes or 'absent'}, expected "
+                        f"{clip_shapes()}): give --clip-weights the {CLIP_FILES[1]} or {CLIP_FILES[0]} of {CLIP_HUB}")
 
 
 def load_clip(device: str | torch.device, weights: str | Path | None = None) -> ClipScorer:

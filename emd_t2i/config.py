@@ -25,6 +25,10 @@ RESUMABLE_FIELDS = frozenset(
     {"output", "iterations", "checkpoint_every", "keep_checkpoints", "validate_every", "log_every", "report_to",
      "device", "profile", "embeddings", "embedding_cache"}
 )
+# How a run's global batch is split: free to change on resume as long as the global batch stays (checked apart).
+SPLIT_FIELDS = frozenset({"batch_size", "grad_accum"})
+# Facts config.json records beside the flags: how many processes ran, and the global batch that defines the run.
+RUN_SHAPE = ("world_size", "global_batch")
 
 
 def _opt(help: str, **kw) -> Any:
@@ -114,18 +118,40 @@ class DistillConfig:
             data = {**data, "target_modules": tuple(data["target_modules"])}
         return cls(**data)
 
-    def save(self, path: Path) -> None:
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+    def global_batch(self, world_size: int) -> int:
+        """Samples per generator update over all processes: what the run's math depends on, not how it is split."""
+        return world_size * self.grad_accum * self.batch_size
+
+    def record(self, world_size: int) -> dict[str, Any]:
+        """config.json: the flags, and the split they ran with."""
+        return {**self.to_dict(), "world_size": world_size, "global_batch": self.global_batch(world_size)}
+
+    def save(self, path: Path, world_size: int = 1) -> None:
+        write_text_atomic(path, json.dumps(self.record(world_size), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> DistillConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict({k: v for k, v in read_record(path).items() if k not in RUN_SHAPE})
 
     def differences(self, other: DistillConfig) -> list[str]:
-        """Flags whose values differ and that would change the run's math (so resuming is refused)."""
+        """Flags whose values differ and that would change the run's math (so resuming is refused); the split of
+        the global batch (--batch-size, --grad-accum) is compared apart, as the global batch."""
         mine, theirs = self.to_dict(), other.to_dict()
         resumable = RESUMABLE_FIELDS if self.lr_schedule == "constant" else RESUMABLE_FIELDS - {"iterations"}
-        return [flag(k) for k in mine if k not in resumable and mine[k] != theirs[k]]
+        return [flag(k) for k in mine if k not in resumable | SPLIT_FIELDS and mine[k] != theirs[k]]
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """The JSON object of a config.json, or a UserError that names the file."""
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} cannot be read ({type(err).__name__}): restore it, or start the run over "
+                        "(`emd-t2i distill ... --overwrite` moves the run folder aside)") from err
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a run's config: restore it, or start the run over "
+                        "(`emd-t2i distill ... --overwrite` moves the run folder aside)")
+    return data
 
 
 def flag(name: str) -> str:

@@ -1,5 +1,5 @@
-"""Processes and devices: the accelerator, the GPU of a single process, what a multi-process run refuses, and the
-check that every process holds the same weights."""
+"""Processes and devices: the accelerator, the GPU of a single process, what a multi-process run refuses, how the
+processes agree to stop on an error, and the check that every process holds the same weights."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import DistillConfig
-from .errors import UserError
+from .errors import ReportedElsewhere, UserError
 from .roles import GENERATOR
 
 
@@ -56,6 +56,42 @@ def refuse_sharding(distributed_type) -> None:
                         "(docs/accelerate/one_node.yaml)")
 
 
+def agreed(accelerator, fn, *args, main_only: bool = False):
+    """`fn(*args)` on every process (on the main process only with `main_only`), and its result there; if it
+    fails on any process, it fails on all of them.
+
+    Under a launcher a process that stops alone leaves the others waiting in their next collective until they die
+    with a traceback of their own. So the processes compare notes first: a UserError anywhere ends every process
+    with exit code 2 and its line printed once, by the main process (the others raise ReportedElsewhere); any
+    other exception is re-raised where it happened, with its traceback, and ends the others the same way.
+    """
+    problem, result = None, None
+    if not main_only or accelerator.is_main_process:
+        try:
+            result = fn(*args)
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the other processes know
+            problem = err
+    if accelerator.num_processes == 1:
+        if problem is not None:
+            raise problem
+        return result
+    failed = torch.tensor([problem is not None], dtype=torch.int32, device=accelerator.device)
+    torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+    if not failed.item():
+        return result
+    rank = accelerator.process_index
+    mine = None if problem is None else str(problem) if isinstance(problem, UserError) else (
+        f"process {rank} failed with {type(problem).__name__} (its traceback is above)")
+    notes = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(notes, mine)
+    if problem is not None and (accelerator.is_main_process or not isinstance(problem, UserError)):
+        raise problem
+    first = next(note for note in notes if note is not None)
+    if accelerator.is_main_process:
+        raise UserError(first)
+    raise ReportedElsewhere(first) from problem
+
+
 def check_ranks_agree(unet: torch.nn.Module, accelerator, when: str) -> None:
     """Every process must hold the same weights: a checksum of the base, the generator and the fake score."""
     if accelerator.num_processes == 1:
@@ -67,8 +103,9 @@ def check_ranks_agree(unet: torch.nn.Module, accelerator, when: str) -> None:
     gathered = accelerator.gather(torch.stack(sums)[None])
     differ = [int(r) for r in range(gathered.shape[0]) if not torch.equal(gathered[r], gathered[0])]
     if differ:
-        raise UserError(f"processes {differ} hold other weights than process 0 {when}: every process must load the "
-                        "same teacher and see the same run folder (shared storage), with the same emd-t2i version")
+        problem = ReportedElsewhere if accelerator.process_index else UserError  # every process knows: one line
+        raise problem(f"processes {differ} hold other weights than process 0 {when}: every process must load the "
+                      "same teacher and see the same run folder (shared storage), with the same emd-t2i version")
 
 
 def _accelerator_state_differs(cpu: bool) -> bool:

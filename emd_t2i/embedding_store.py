@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,10 @@ from torch import Tensor
 
 from .embeddings import EmbeddingCache, device_of, encode_prompts
 from .errors import UserError
-from .files import OpenFiles, atomic_output, write_atomic, write_json_atomic
+from .files import OpenFiles, file_sha256, write_atomic, write_json_atomic
+from .store_shards import DamagedShard, ShardLayout, open_shard, row_checksum, shard_problem, write_shard
 
-STORE_FORMAT, STORE_VERSION = "emd-t2i-embeddings", 1
+STORE_FORMAT, STORE_VERSION = "emd-t2i-embeddings", 2  # 2: a checksum per row, the small files' sha256s
 MANIFEST, NULL_FILE = "manifest.json", "null.safetensors"
 HASHES, LOOKUP_HASHES, LOOKUP_ROWS = "hashes.npy", "lookup-hashes.npy", "lookup-rows.npy"
 DTYPES = {"float32": (torch.float32, "F32"), "float16": (torch.float16, "F16"), "bfloat16": (torch.bfloat16, "BF16")}
@@ -64,76 +66,6 @@ def _relative_distance(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Shards: safetensors files written as a stream (hashes, then embeddings batch by batch), read by row
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _header_bytes(tensors: dict[str, tuple[str, list[int], int]], metadata: dict[str, str]) -> bytes:
-    """The safetensors header (length + JSON, padded so that the data starts 8-byte aligned)."""
-    header, offset = {"__metadata__": metadata}, 0
-    for name, (dtype, shape, nbytes) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text
-
-
-def _read_header(path: Path) -> tuple[dict, int] | None:
-    """(header, byte offset of the data) of a safetensors file, or None if it is not one."""
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if size > 100 << 20:
-                return None
-            return json.loads(f.read(size)), 8 + size
-    except (OSError, ValueError):
-        return None
-
-
-def _tensor_bytes(t: Tensor) -> bytes:
-    t = t.detach().contiguous().cpu()
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
-
-
-def _shard_is_complete(path: Path, hashes: np.ndarray, shape: list[int], st_dtype: str, row_bytes: int) -> bool:
-    """Whether a shard from an earlier run is whole and holds exactly these prompts, in this order."""
-    found = _read_header(path)
-    if found is None:
-        return False
-    header, start = found
-    count, entry = len(hashes), header.get("embeddings", {})
-    if entry.get("dtype") != st_dtype or entry.get("shape") != [count, *shape]:
-        return False
-    if path.stat().st_size != start + 8 * count + count * row_bytes:
-        return False
-    return np.array_equal(_read_shard_hashes(path), hashes)
-
-
-def _write_shard(path: Path, hashes: np.ndarray, batches: Iterable[Tensor], shape: list[int], st_dtype: str,
-                 row_bytes: int) -> None:
-    """Stream one shard to a temporary name and rename it: a shard under its final name is always whole. Only one
-    batch is in memory at a time (a shard of SD 1.5 in float16 is 1.2 GB at the default shard size)."""
-    count = len(hashes)
-    header = _header_bytes({"hashes": ("I64", [count], 8 * count),
-                            "embeddings": (st_dtype, [count, *shape], count * row_bytes)}, {"format": "pt"})
-    with atomic_output(path) as f:
-        f.write(header)
-        f.write(hashes.astype("<i8").tobytes())
-        written = 0
-        for batch in batches:
-            f.write(_tensor_bytes(batch))
-            written += len(batch)
-        assert written == count, (written, count)
-
-
-def _read_shard_hashes(path: Path) -> np.ndarray:
-    header, start = _read_header(path)
-    begin, end = header["hashes"]["data_offsets"]
-    return np.fromfile(path, dtype="<i8", count=(end - begin) // 8, offset=start + begin).astype(np.int64)
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with io.BytesIO() as buffer:
         np.save(buffer, array)
@@ -176,8 +108,9 @@ def encode_store(
 ) -> EncodeSummary:
     """Encode every prompt of a source once into safetensors shards at `output`, for `EmbeddingStore`.
 
-    Resumable: run it again after an interruption and the shards already complete are kept. A folder that holds
-    a store of other prompts, another text encoder or other settings is refused.
+    Resumable: run it again after an interruption and the shards already complete are kept; so is repairing: a
+    shard that fails verification (every row against its checksum) is encoded again. A folder that holds a store
+    of other prompts, another text encoder or other settings is refused.
     """
     check_encode_settings(batch_size, shard_size, dtype)
     torch_dtype, st_dtype = DTYPES[dtype]
@@ -203,23 +136,31 @@ def encode_store(
     }
     device = device_of(text_encoder)
     null = encode_prompts(tokenizer, text_encoder, [""], device=device).float().cpu()
-    _prepare_output(output, manifest, null)
     from safetensors.torch import save
 
-    write_atomic(output / NULL_FILE, save({"null": null.contiguous()}, metadata={"format": "pt"}))
+    null_file = save({"null": null.contiguous()}, metadata={"format": "pt"})
+    manifest["files"] = {NULL_FILE: hashlib.sha256(null_file).hexdigest()}
+    _prepare_output(output, manifest, null)
+    write_atomic(output / NULL_FILE, null_file)
 
     from tqdm.auto import tqdm
 
     encoded = kept = 0
+    all_hashes = []
     with tqdm(total=count, disable=not progress, desc="encode", unit="prompt") as bar:
         for k, name in enumerate(shards):
             start, stop = k * shard_size, min(count, (k + 1) * shard_size)
             texts = prompts[start:stop]
             hashes = prompt_hashes(texts)
-            if _shard_is_complete(output / name, hashes, shape, st_dtype, row_bytes):
+            all_hashes.append(hashes)
+            problem = shard_problem(output / name, hashes, shape, st_dtype, row_bytes) if (
+                output / name).is_file() else "missing"
+            if problem is None:
                 kept += 1
                 bar.update(stop - start)
                 continue
+            if problem != "missing":  # damaged since it was written: encoded again, said so
+                print(f"{output / name} is damaged ({problem}): encoding it again", file=sys.stderr)
             if encoded == 0:  # from here until the end the store is incomplete, even if it was complete before
                 write_json_atomic(output / MANIFEST, manifest)
 
@@ -230,14 +171,14 @@ def encode_store(
                         torch_dtype)
                     bar.update(len(chunk))
 
-            _write_shard(output / name, hashes, batches(), shape, st_dtype, row_bytes)
+            write_shard(output / name, hashes, batches(), shape, st_dtype, row_bytes)
             encoded += 1
 
-    hashes = np.concatenate([_read_shard_hashes(output / name) for name in shards])
+    hashes = np.concatenate(all_hashes)
     order = np.argsort(hashes, kind="stable")
-    _save_npy(output / HASHES, hashes)
-    _save_npy(output / LOOKUP_HASHES, hashes[order])
-    _save_npy(output / LOOKUP_ROWS, order.astype(np.int64))
+    for name, array in ((HASHES, hashes), (LOOKUP_HASHES, hashes[order]), (LOOKUP_ROWS, order.astype(np.int64))):
+        _save_npy(output / name, array)
+        manifest["files"][name] = file_sha256(output / name)
     write_json_atomic(output / MANIFEST, {**manifest, "complete": True})
     return EncodeSummary(output, count, len(shards), encoded, kept)
 
@@ -254,7 +195,7 @@ def _prepare_output(output: Path, manifest: dict, null: Tensor) -> None:
         changed = [k for k in same if saved.get(k) != manifest[k]]
         if saved.get("prompts", {}).get("fingerprint") != manifest["prompts"]["fingerprint"]:
             changed.insert(0, "prompts")
-        if not changed and (output / NULL_FILE).is_file():
+        if not changed and _intact(output, NULL_FILE, saved):  # a damaged one says nothing: it is rewritten
             from safetensors.torch import load_file
 
             if _relative_distance(load_file(output / NULL_FILE)["null"], null) > PROBE_TOLERANCE:
@@ -272,6 +213,12 @@ def _prepare_output(output: Path, manifest: dict, null: Tensor) -> None:
         write_json_atomic(saved_path, manifest)
 
 
+def _intact(store: Path, name: str, manifest: dict) -> bool:
+    """Whether one of a store's small files is there and matches the sha256 its manifest recorded."""
+    expected = manifest.get("files", {}).get(name)
+    return (store / name).is_file() and expected is not None and file_sha256(store / name) == expected
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Reading a store
 # ---------------------------------------------------------------------------------------------------------
@@ -287,9 +234,12 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads(file.read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"embedding store {path} has an unreadable {MANIFEST}: encode it again") from err
-    if manifest.get("format") != STORE_FORMAT or manifest.get("version", 0) > STORE_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
         raise UserError(f"{path} is not an embedding store this version of emd-t2i reads: encode it again with "
                         "`emd-t2i prompts encode`")
+    if manifest.get("version") != STORE_VERSION:  # before version 2 rows had no checksums
+        raise UserError(f"embedding store {path} was made by another version of emd-t2i: encode it again with "
+                        "`emd-t2i prompts encode` into a new folder")
     if not manifest.get("complete"):
         raise UserError(f"embedding store {path} is incomplete: run the same `emd-t2i prompts encode` command "
                         "again to finish it")
@@ -317,15 +267,14 @@ class EmbeddingStore:
         self.dtype = dtype or self.stored_dtype
         self.row_bytes = math.prod(self.shape) * self.stored_dtype.itemsize
         self.fallback = fallback
-        try:
-            self.hashes = np.load(self.path / HASHES, mmap_mode="r")
-            self.lookup_hashes = np.load(self.path / LOOKUP_HASHES, mmap_mode="r")
-            self.lookup_rows = np.load(self.path / LOOKUP_ROWS, mmap_mode="r")
-            self._null = load_file(self.path / NULL_FILE)["null"]
-        except (OSError, ValueError, KeyError) as err:
-            raise UserError(f"embedding store {self.path} is damaged ({err.__class__.__name__}): run the same "
-                            "`emd-t2i prompts encode` command again") from err
-        self._data_starts: dict[int, int] = {}
+        for name in (NULL_FILE, HASHES, LOOKUP_HASHES, LOOKUP_ROWS):  # small: checked whole, once
+            if not _intact(self.path, name, self.manifest):
+                raise self._damaged(name, "missing or not matching its checksum")
+        self.hashes = np.load(self.path / HASHES, mmap_mode="r")
+        self.lookup_hashes = np.load(self.path / LOOKUP_HASHES, mmap_mode="r")
+        self.lookup_rows = np.load(self.path / LOOKUP_ROWS, mmap_mode="r")
+        self._null = load_file(self.path / NULL_FILE)["null"]
+        self._layouts: dict[int, ShardLayout] = {}
         self._open = OpenFiles()
 
     def __len__(self) -> int:
@@ -373,9 +322,9 @@ class EmbeddingStore:
         else:
             rows = self.rows_of(prompts)
         out = torch.empty((len(prompts), *self.shape), dtype=self.dtype)
-        for k, row in enumerate(rows):
+        for k, (row, prompt_hash) in enumerate(zip(rows, prompt_hashes(prompts))):
             if row >= 0:
-                out[k] = self._row(int(row))
+                out[k] = self._row(int(row), int(prompt_hash))
         missing = np.flatnonzero(rows < 0).tolist()
         if missing:
             if self.fallback is None:
@@ -388,11 +337,28 @@ class EmbeddingStore:
         """The embedding (1, 77, D) of the empty prompt "", encoded with the store (kept in float32)."""
         return self._null.to(device=device if device is not None else "cpu", dtype=self.dtype)
 
-    def _row(self, row: int) -> Tensor:
+    def _row(self, row: int, prompt_hash: int) -> Tensor:
+        """One row, checked against its checksum (and so against the prompt it was asked for)."""
         shard, local = divmod(row, self.shard_size)
-        path = self.path / self.manifest["shards"][shard]
-        if shard not in self._data_starts:
-            header, start = _read_header(path)
-            self._data_starts[shard] = start + header["embeddings"]["data_offsets"][0]
-        raw = self._open.read(str(path), self._data_starts[shard] + local * self.row_bytes, self.row_bytes)
+        name = self.manifest["shards"][shard]
+        layout, path = self._layout(shard), str(self.path / name)
+        raw = self._open.read(path, layout.embeddings + local * self.row_bytes, self.row_bytes)
+        stored = int.from_bytes(self._open.read(path, layout.checksums + 8 * local, 8), "little", signed=True)
+        if len(raw) != self.row_bytes or row_checksum(prompt_hash, raw) != stored:
+            raise self._damaged(name, f"row {local} does not match its checksum")
         return torch.frombuffer(bytearray(raw), dtype=self.stored_dtype).view(self.shape)
+
+    def _layout(self, shard: int) -> ShardLayout:
+        """Where a shard's parts are, read (and its header and size checked) when the shard is first opened."""
+        if shard not in self._layouts:
+            name, count = self.manifest["shards"][shard], min(self.shard_size, self.count - shard * self.shard_size)
+            try:
+                self._layouts[shard] = open_shard(self.path / name, count, list(self.shape),
+                                                  DTYPES[self.manifest["dtype"]][1], self.row_bytes)
+            except DamagedShard as err:
+                raise self._damaged(name, str(err)) from None
+        return self._layouts[shard]
+
+    def _damaged(self, name: str, problem: str) -> UserError:
+        return UserError(f"embedding store {self.path}: {name} is damaged ({problem}): run the same `emd-t2i prompts "
+                         "encode` command again to repair it")

@@ -3,6 +3,7 @@ writing metrics.json."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ from . import fid
 from .clipscore import CLIP_PREFIX, ClipScorer, check_clip_weights, clip_score, load_clip
 from .coco import load_caption_list
 from .config import EVAL_PROMPTS
+from .distributed import agreed
 from .errors import UserError
 from .eval_images import (
     IMAGES_DIR,
@@ -32,8 +34,9 @@ from .eval_images import (
     open_source,
 )
 from .fid import Extractor
-from .files import write_text_atomic
-from .protocols import resolve_precision, resolve_protocol, resolve_rounding
+from .files import file_sha256, write_text_atomic
+from .protocols import check_protocol_name, resolve_precision, resolve_protocol, resolve_rounding
+from .sample import pipeline_dir
 
 ImagesFn = Callable[[list[str], int], Tensor]  # (prompts, seed) -> images in [-1, 1], (N, 3, H, W)
 
@@ -178,32 +181,29 @@ def evaluate_coco(
 
     # the inputs: anything missing stops the run here, before hours of generation
     _check_coco_arguments(reference, output, n, seed, batch_size, speed_teacher_steps)
+    check_protocol_name(protocol)
     # cpu=True: under a launcher on CPU accelerate then joins the processes (gloo) instead of running each alone
     state = PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
     dev = state.device if device in ("auto", "cuda") else torch.device(device)
-    chosen = resolve_protocol(protocol, is_sdxl_model(model))
-    dtype, rounding = resolve_precision(precision, chosen, dev), resolve_rounding(rounding, chosen)
     listing = load_caption_list(prompts)
     if n is not None and n > len(listing.captions):
         raise UserError(f"--n {n} is more than the {len(listing.captions)} captions of {prompts}")
     captions = listing.captions[:n]
     output, extractors = Path(output).expanduser(), extractors or Extractors()
-    if state.is_main_process:
-        if extractors.inception is None:
-            fid.inception_weights(inception_weights)  # downloads it once when online
-        if extractors.clip is None:
-            check_clip_weights(clip_weights)
+    inception = agreed(state, _metric_networks, reference, extractors, dev, inception_weights, clip_weights,
+                       main_only=True)
+    chosen = resolve_protocol(protocol, is_sdxl_model(model))
+    dtype, rounding = resolve_precision(precision, chosen, dev), resolve_rounding(rounding, chosen)
     source = open_source(model, steps=steps, guidance=guidance, scheduler=scheduler, device=dev, dtype=dtype,
                          rounding=rounding)
     settings = {**{k: source.info.get(k) for k in ("kind", "steps", "guidance", "scheduler", "resolution", "dtype",
                                                    "rounding")},
-                "model": _identity(source.info["model"]), "seed": seed, "captions_sha256": listing.info["captions_sha256"]}
+                "model": _identity(source.info["model"]), "weights_sha256": _weights_sha256(source), "seed": seed,
+                "captions_sha256": listing.info["captions_sha256"]}
 
     # the images: every process renders its share of what is missing
-    if state.is_main_process:
-        _claim(output, settings, write=True)
-    state.wait_for_everyone()
-    _claim(output, settings, write=False)
+    agreed(state, _claim, output, settings, True, main_only=True)
+    agreed(state, _claim, output, settings, False)
     generation = generate_missing(source, captions, output / IMAGES_DIR, seed=seed, batch_size=batch_size,
                                   process_index=state.process_index, num_processes=state.num_processes,
                                   progress=progress and state.is_main_process)
@@ -226,7 +226,6 @@ def evaluate_coco(
 
     # FID (and DMD2's patch FID) and CLIP score, as the protocol measures them
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
-    inception = extractors.inception or fid.load_inception(dev, inception_weights)
     transforms = {"fid": fid.crop_resize(chosen.fid_resolution)} | ({"patch_fid": fid.patch()} if chosen.patch_fid
                                                                      else {})
     fids = {name: _fid(files, reference, inception, dev, batch_size, workers, transform)
@@ -284,6 +283,33 @@ def _check_coco_arguments(reference, output, n, seed, batch_size, speed_teacher_
                              ("--speed-teacher-steps", speed_teacher_steps, 0)):
         if value is not None and value < low:
             raise UserError(f"{flag} must be >= {low} (got {value})")
+
+
+def _metric_networks(reference, extractors: Extractors, device, inception_weights, clip_weights) -> Extractor:
+    """Every file the metrics read, checked before the first image is made (a bad one would otherwise show only after
+    hours of generation): the reference, the Inception network (loaded: it is small) and the CLIP weights (their
+    shapes); returns the Inception extractor."""
+    fid.check_reference_source(reference)
+    if extractors.inception is None:
+        fid.inception_weights(inception_weights)  # where it is (downloaded once when online), before CLIP's
+    if extractors.clip is None:
+        check_clip_weights(clip_weights)
+    inception = extractors.inception or fid.load_inception(device, inception_weights)
+    fid.check_reference_source(reference, inception)
+    return inception
+
+
+def _weights_sha256(source) -> str | None:
+    """An export's UNet weights, hashed, so that the resume guard tells a re-export into the same folder from the
+    images already there; None for a teacher (named by its source)."""
+    root = getattr(source, "root", None)
+    if root is None:
+        return None
+    digest = hashlib.sha256()
+    for path in sorted((pipeline_dir(root) / "unet").glob("*.safetensors")) or sorted(
+            (pipeline_dir(root) / "unet").glob("*.bin")):
+        file_sha256(path, digest)
+    return digest.hexdigest()
 
 
 def _identity(model: str) -> str:

@@ -24,7 +24,7 @@ from .checkpoint import (
 )
 from .config import DistillConfig
 from .errors import UserError
-from .files import follow_umask
+from .files import WRITE_ERRORS, follow_umask, write_failure
 from .model_card import (  # noqa: F401 - re-exported: the export's file names and card live there
     EXAMPLE_PROMPT,
     FACTS_FILE,
@@ -273,6 +273,8 @@ def export_run(
         (tmp / "README.md").write_text(card)
         follow_umask(tmp)  # safetensors' save_file (ours and diffusers' save_pretrained's) makes files 0600
         _publish(tmp, output, overwrite)
+    except WRITE_ERRORS as err:  # a full disk, whichever writer met it; the half-written folder goes below
+        raise write_failure(output, err) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output

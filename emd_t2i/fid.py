@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +151,11 @@ def load_inception(device: str | torch.device, weights: str | Path | None = None
     from cleanfid.inception_torchscript import InceptionV3W
 
     path = inception_weights(weights)
-    network = InceptionV3W(str(path.parent), download=False, resize_inside=False).to(device).eval()
+    try:
+        network = InceptionV3W(str(path.parent), download=False, resize_inside=False).to(device).eval()
+    except (RuntimeError, OSError, ValueError) as err:  # torch.jit.load of a damaged or other file
+        raise UserError(f"{path} does not load as clean-fid's Inception ({type(err).__name__}): download {INCEPTION_URL}"
+                        " again and pass it with --inception-weights") from err
     return Extractor(INCEPTION, network)
 
 
@@ -177,7 +182,7 @@ class FidStats:
         try:
             with np.load(path) as data:
                 return cls(data["mu"], data["sigma"], json.loads(str(data["info"])))
-        except (OSError, KeyError, ValueError) as err:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
             raise UserError(f"--reference {path} is not a statistics file written by emd-t2i "
                             f"({err.__class__.__name__}): make one with `emd-t2i coco reference VAL2014_DIR`") from err
 
@@ -230,6 +235,45 @@ def stats_cache_path(source: Path, extractor: Extractor, transform: Transform | 
     return cache_dir() / "fid-stats" / f"{source.name}-{key}.npz"
 
 
+REFERENCE_HINT = ("pass the COCO val2014 image folder (or its zip), or a statistics .npz made by `emd-t2i coco "
+                  "reference`")
+
+
+def reference_images(source: str | Path, flag: str = "--reference") -> int:
+    """How many images a folder or zip of real images holds: one that is missing, empty or no such thing ends in
+    one line here, before any network is loaded."""
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise UserError(f"{flag} {source} does not exist: {REFERENCE_HINT}")
+    if source.is_dir():
+        count = len(_image_files(source))
+    elif zipfile.is_zipfile(source):
+        from cleanfid.utils import EXTENSIONS
+
+        with zipfile.ZipFile(source) as archive:
+            count = sum(Path(name).suffix.lower()[1:] in EXTENSIONS for name in archive.namelist())
+    else:
+        raise UserError(f"{flag} {source} is a file but not a zip of images nor a .npz: {REFERENCE_HINT}")
+    if count < 2:
+        raise UserError(f"{flag} {source} holds {count} images: {REFERENCE_HINT}")
+    return count
+
+
+def check_reference_source(reference: str | Path, extractor: Extractor | None = None) -> None:
+    """What `reference_stats` will read, checked before any image is generated: a .npz that loads (and was made by
+    `extractor`, when given), or a folder or zip of images."""
+    path = Path(reference).expanduser()
+    if path.suffix != ".npz":
+        reference_images(path)
+        return
+    if not path.is_file():
+        raise UserError(f"--reference {path} does not exist: make it with `emd-t2i coco reference VAL2014_DIR "
+                        f"--output {path}` or pass the image folder")
+    stats = FidStats.load(path)
+    if extractor is not None:
+        check_reference(stats, path, extractor)
+
+
 def compute_reference(source: str | Path, extractor: Extractor, device, *, output: Path | None = None,
                       batch_size: int = 32, num_workers: int = 0,
                       transform: Transform | None = None) -> tuple[FidStats, Path]:
@@ -238,9 +282,7 @@ def compute_reference(source: str | Path, extractor: Extractor, device, *, outpu
     from cleanfid.fid import get_folder_features
 
     source = Path(source).expanduser()
-    if not source.exists():
-        raise UserError(f"--reference {source} does not exist: pass the COCO val2014 image folder (or its zip), or "
-                        "a statistics .npz made by `emd-t2i coco reference`")
+    reference_images(source)
     transform = transform or crop_resize()
     path = output or stats_cache_path(source, extractor, transform)
     features = get_folder_features(str(source), extractor.model, num_workers=num_workers, batch_size=batch_size,

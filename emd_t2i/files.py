@@ -1,17 +1,27 @@
-"""Reads at a byte offset, atomic writes, and the mode of written files: what lazy prompt sources, the embedding
-store, checkpoints and exports stand on."""
+"""Reads at a byte offset, atomic writes, the mode of written files, and the one line a failed write ends in: what
+lazy prompt sources, the embedding store, checkpoints and exports stand on."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import hashlib
 import json
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
+from safetensors import SafetensorError
+
+from .errors import UserError
+
 CHUNK = 1 << 16
+# What a writer raises when the disk is full or the folder cannot be written: the OS's own error, and the same error
+# as safetensors (SafetensorError) and torch's zip writer (RuntimeError "unexpected pos", "file write failed")
+# report it. Caught only around writes, where none of them can be anything else.
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
 
 
 class OpenFiles:
@@ -88,10 +98,36 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
     return os.read(fd, size)
 
 
+def write_failure(path: Path, err: BaseException, then: str = "run the same command again") -> UserError:
+    """The one line a failed write of `path` ends in, whichever library raised `err` (one of WRITE_ERRORS)."""
+    if isinstance(err, (IsADirectoryError, NotADirectoryError, FileExistsError)):
+        return UserError(wrong_kind(err))
+    text = str(err)
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "os error 28" in text:
+        reason = "no space left on the disk"
+    elif isinstance(err, OSError) and err.strerror:
+        reason = err.strerror[0].lower() + err.strerror[1:]
+    else:
+        reason = f"{type(err).__name__}: {text.strip().splitlines()[0] if text.strip() else 'no message'}"
+    return UserError(f"cannot write {path} ({reason}): free some space or make the folder writable, then {then}")
+
+
+def wrong_kind(err: OSError, flag: str | None = None) -> str:
+    """What to say when a path names a file where a folder is expected (NotADirectoryError; FileExistsError from
+    mkdir) or a folder where a file is (IsADirectoryError)."""
+    path = Path(err.filename or "")
+    named = f"{flag} {path}" if flag else str(path)
+    if isinstance(err, IsADirectoryError):
+        return f"{named} is a folder where a file is expected: give the path of a file"
+    culprit = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+    return f"{named}: {culprit} is a file where a folder is expected: give a folder (or a new path)"
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path):
     """A binary file to write `path` through: it is written under a temporary name beside `path`, flushed to disk,
-    then renamed, so readers (and a resumed run) see the old file or the whole new one, never half of it."""
+    then renamed, so readers (and a resumed run) see the old file or the whole new one, never half of it. A write
+    the OS refuses (a full disk, a read-only folder) ends in one line; the partial file is removed either way."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
@@ -100,8 +136,30 @@ def atomic_output(path: Path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno is None:  # not the OS refusing a write (e.g. PIL's "cannot write mode"): a bug, shown as is
+            raise
+        raise write_failure(path, err) from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def file_sha256(path: Path, digest=None) -> str:
+    """The sha256 of a file's bytes, read in 4 MiB blocks (or fed into `digest`, to hash several files as one)."""
+    digest = digest or hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def unused_path(path: Path) -> Path:
+    """`path`, or the first of path.2, path.3, ... that does not exist: where to move something aside."""
+    path, n = Path(path), 2
+    found = path
+    while found.exists():
+        found, n = path.with_name(f"{path.name}.{n}"), n + 1
+    return found
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -167,8 +167,9 @@ def measure_jacobian_norm(run, cfg, prompts, cache, latent_shape, world: int, de
 
 
 def fake_score_updates(run, cfg, batch: Batch, x0_samples, alphas_cumprod, autocast, world: int, stats):
-    """`fake_updates` steps of (F1): the first on the E-step's g(z_0), further ones on fresh generator samples."""
-    roles, size = run.roles, cfg.batch_size
+    """`fake_updates` steps of (F1): the first on the E-step's g(z_0), further ones on fresh generator samples.
+    Logs the mean loss and the mean gradient norm over the updates."""
+    roles, size, norms = run.roles, cfg.batch_size, []
     for update, fake in enumerate(batch.fake):
         for i in range(cfg.grad_accum):
             rows = batch.micro(i, size)
@@ -181,9 +182,22 @@ def fake_score_updates(run, cfg, batch: Batch, x0_samples, alphas_cumprod, autoc
                 loss_f = fake_score_step(fake_eps, x0, fake.t[rows], fake.eps[rows], alphas_cumprod)
             run.scaler_fake.scale(loss_f / (cfg.grad_accum * cfg.fake_updates)).backward()
             stats["loss_fake"] += loss_f.item() / (cfg.grad_accum * cfg.fake_updates)
-        stats["grad_norm_fake"] = optimizer_step(run.opt_fake, run.scaler_fake, run.fake_params(), cfg.max_grad_norm,
-                                                 world)
+        norms.append(optimizer_step(run.opt_fake, run.scaler_fake, run.fake_params(), cfg.max_grad_norm, world))
+    stats["grad_norm_fake"] = sum(norms) / len(norms)  # inf or nan if any update was skipped
     roles.activate(None)
+
+
+MEAN_STATS = ("loss_generator", "loss_fake", "weight", "eps_tilde_rms")  # per-process means of equal-sized batches
+
+
+def global_means(stats: dict, world: int, device) -> None:
+    """Turn this process's means into the global batch's (gradient norms already are: they follow the all-reduce),
+    so the log and the non-finite check read the same numbers on every process and at any split."""
+    if world == 1:
+        return
+    values = torch.tensor([stats[k] for k in MEAN_STATS], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(values)
+    stats.update(zip(MEAN_STATS, (values / world).tolist()))
 
 
 def finite_iteration(stats: dict, fp16: bool) -> bool:

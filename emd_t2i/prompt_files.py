@@ -94,11 +94,12 @@ def clean(value: object) -> str:
     return "" if value is None else " ".join(str(value).split())
 
 
-def _decode(raw: bytes, path: str, offset: int) -> str:
+def _decode(raw: bytes, path: str, offset: int, where: str = "") -> str:
+    """UTF-8 text; `where` (", line N") says where a file that is not UTF-8 goes wrong."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise UserError(f"cannot read prompt file {path} (UnicodeDecodeError): it must be UTF-8 text") from err
+        raise UserError(f"prompt file {path}{where} is not UTF-8 text: save the file as UTF-8") from err
     return text[1:] if offset == 0 and text.startswith(BOM) else text
 
 
@@ -149,8 +150,8 @@ def _lines(path: Path) -> Iterator[tuple[int, int, str]]:
     try:
         with open(path, "rb") as f:
             offset = 0
-            for raw in f:
-                yield offset, offset + len(raw), _decode(raw, str(path), offset)
+            for number, raw in enumerate(f, start=1):
+                yield offset, offset + len(raw), _decode(raw, str(path), offset, f", line {number},")
                 offset += len(raw)
     except OSError as err:
         raise UserError(f"cannot read prompt file {path} ({err.__class__.__name__}): check it exists and is "
@@ -228,7 +229,7 @@ def _scan_tar(path: Path, column: str | None):
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
                 if member.isfile() and member.name.endswith(suffix):
-                    text = _decode(tar.extractfile(member).read(), str(path), -1)
+                    text = _decode(tar.extractfile(member).read(), str(path), -1, f", member {member.name},")
                     if clean(text):
                         offsets.append(member.offset_data)
                         sizes.append(member.size)

@@ -56,13 +56,15 @@ PROTOCOLS = {p.name: p for p in (
 DEFAULT_PROTOCOL, SDXL_PROTOCOL = "coco2014-30k-256", "dmd2-sdxl-coco10k"
 
 
+def check_protocol_name(name: str) -> None:
+    if name != "auto" and name not in PROTOCOLS:
+        raise UserError(f"--protocol must be auto or one of {', '.join(PROTOCOLS)} (got {name!r})")
+
+
 def resolve_protocol(name: str, is_sdxl: bool) -> Protocol:
     """`auto`: DMD2's SDXL protocol for an SDXL model, the 30K / 256 px protocol for SD 1.x / 2.x."""
-    if name == "auto":
-        name = SDXL_PROTOCOL if is_sdxl else DEFAULT_PROTOCOL
-    if name not in PROTOCOLS:
-        raise UserError(f"--protocol must be auto or one of {', '.join(PROTOCOLS)} (got {name!r})")
-    return PROTOCOLS[name]
+    check_protocol_name(name)
+    return PROTOCOLS[(SDXL_PROTOCOL if is_sdxl else DEFAULT_PROTOCOL) if name == "auto" else name]
 
 
 def resolve_precision(name: str, protocol: Protocol, device: torch.device) -> torch.dtype:

@@ -85,6 +85,7 @@ class Roles:
         self._lora_params = [p for n, p in unet.named_parameters() if "lora_" in n]
         self._fast_switch = all(hasattr(m, "_active_adapter") and hasattr(m, "_disable_adapters")
                                 for m in self._lora_layers)
+        self._checkpointable = [m for m in unet.modules() if hasattr(m, "gradient_checkpointing")]
         for param in self._lora_params:
             param.requires_grad_(True)
         self.active: str | None = TEACHER
@@ -138,6 +139,17 @@ class Roles:
         """
         self.unet.enable_gradient_checkpointing(gradient_checkpointing_func=self._checkpoint)
 
+    def check_checkpointing(self) -> None:
+        """Refuse to compute gradients through blocks whose recomputation ignores the roles: checkpointing turned on
+        the plain diffusers way after the roles were made (`unet.enable_gradient_checkpointing()`) would give
+        silently wrong gradients (see `enable_gradient_checkpointing`)."""
+        for module in self._checkpointable:
+            if module.gradient_checkpointing and module._gradient_checkpointing_func != self._checkpoint:
+                raise RuntimeError(
+                    f"{type(module).__name__} of the UNet recomputes in backward under whatever role is active then "
+                    "(gradient checkpointing turned on with unet.enable_gradient_checkpointing() after Roles was "
+                    "made): call Roles.enable_gradient_checkpointing() instead")
+
     def _checkpoint(self, module: torch.nn.Module, *args):
         adapter = self.active
         return torch.utils.checkpoint.checkpoint(
@@ -148,6 +160,8 @@ class Roles:
     def eps(self, adapter: str | None, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """eps(x_t, t, c) of one role."""
         self.activate(adapter)
+        if torch.is_grad_enabled():
+            self.check_checkpointing()
         self.unet_rows += x_t.shape[0]
         if self.clock is None:
             return self.model(x_t, t, cond)

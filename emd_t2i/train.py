@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import math
-import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +14,12 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import grids
 from .config import DistillConfig, resolve_mixed_precision
-from .distributed import check_ranks_agree, make_accelerator
+from .distributed import agreed, check_ranks_agree, make_accelerator
 from .ema import ema_decay_at, update_ema
 from .embeddings import open_embeddings
 from .emd import EMDSettings
 from .errors import UserError
-from .files import save_image_atomic, write_text_atomic
+from .files import save_image_atomic
 from .images import decode_latents, to_pil
 from .interrupt import Interrupted, StopRequest
 from .iteration import (
@@ -29,6 +27,7 @@ from .iteration import (
     fake_score_updates,
     finite_iteration,
     generator_update,
+    global_means,
     make_batch,
     measure_jacobian_norm,
 )
@@ -45,57 +44,10 @@ from .roles import (
     load_adapter_state_dict,
     swapped_weights,
 )
+from .run_folder import append_jsonl, claim_run_dir, record_config, truncate_log
 from .teachers import load_teacher
 
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before the run stops (after saving)
-
-
-# ---------------------------------------------------------------- the run folder
-def prepare_run_dir(cfg: DistillConfig, overwrite: bool) -> Path | None:
-    """Create the run folder, or check that an existing one belongs to this config (then it resumes).
-
-    A folder made for a different config is refused; with `overwrite` it is moved aside, never deleted, and
-    where it went is returned.
-    """
-    run_dir = Path(cfg.output)
-    saved, backup = run_dir / "config.json", None
-    if saved.exists():
-        previous = DistillConfig.load(saved)
-        changed = cfg.differences(previous)
-        if changed and not overwrite:
-            raise UserError(
-                f"--output {run_dir} holds a run with a different config ({', '.join(changed)}); "
-                "use another --output, the same flags to resume, or --overwrite to start over"
-            )
-        if changed:
-            backup = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            run_dir.rename(backup)
-            print(f"moved the previous run to {backup}")
-    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise UserError(f"--output {run_dir} exists and is not an emd-t2i run; choose an empty or new folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.json")
-    return backup
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_log(path: Path, last_step: int) -> None:
-    """On (re)start, drop log lines after the iteration we continue from (they will be redone), and a last line a
-    kill cut in half, so each iteration is logged once however the previous process ended."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= last_step]
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def _logged_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
 
 
 # ---------------------------------------------------------------- pieces of the loop
@@ -144,13 +96,14 @@ def emd_settings(cfg: DistillConfig) -> EMDSettings:
                        z_step=cfg.z_step)
 
 
-def save(run: Run, run_dir: Path, cfg: DistillConfig, accelerator, precision: str) -> Path | None:
-    if not accelerator.is_main_process:
-        return None
+def save(run: Run, cfg: DistillConfig, precision: str, world: int) -> Path:
+    """A checkpoint of the run as it is (the main process writes it)."""
     unet = run.roles.unet
     state = {
         "step": run.step,
         "mixed_precision": precision,  # what --mixed-precision resolved to on this machine
+        "world_size": world,
+        "global_batch": cfg.global_batch(world),
         "opt_generator": run.opt_generator.state_dict(),
         "opt_fake": run.opt_fake.state_dict(),
         "scaler_generator": run.scaler_generator.state_dict(),
@@ -164,30 +117,50 @@ def save(run: Run, run_dir: Path, cfg: DistillConfig, accelerator, precision: st
     if run.ema is not None:
         with run.exported_weights():
             adapters[ckpt.GENERATOR_EMA] = adapter_state_dict(unet, GENERATOR)
-    return ckpt.save_checkpoint(run_dir, run.step, adapters, state, keep=cfg.keep_checkpoints,
+    return ckpt.save_checkpoint(cfg.output, run.step, adapters, state, keep=cfg.keep_checkpoints,
                                 metadata={"step": str(run.step), "teacher": cfg.teacher,
                                           "mixed_precision": precision})
 
 
-def resume(run: Run, run_dir: Path, accelerator) -> None:
+def resume(run: Run, cfg: DistillConfig, accelerator) -> None:
     """Continue from the newest intact checkpoint (the main process picks it, every process loads it: the run
     folder must be on storage all processes see), or start at 0; either way the log is cut to match."""
     from accelerate.utils import broadcast_object_list
 
-    latest = ckpt.latest_valid_checkpoint(run_dir) if accelerator.is_main_process else None
-    (step,) = broadcast_object_list([-1 if latest is None else ckpt.checkpoint_step(latest)])
-    if accelerator.is_main_process:
-        truncate_log(run_dir / "log.jsonl", max(step, 0))
+    run_dir, world = Path(cfg.output), accelerator.num_processes
+    needed = (GENERATOR, FAKE_SCORE) + ((ckpt.GENERATOR_EMA,) if run.ema is not None else ())
+
+    def pick():
+        found = ckpt.latest_intact_checkpoint(run_dir, needed)
+        if found and found[2].get("global_batch", cfg.global_batch(world)) != cfg.global_batch(world):
+            raise UserError(f"{found[0]} was made at a global batch of {found[2]['global_batch']}, config.json says "
+                            f"{cfg.global_batch(world)}: restore the run's config.json, or start over with --overwrite")
+        truncate_log(run_dir / "log.jsonl", found[2]["step"] if found else 0)
+        return found
+
+    found = agreed(accelerator, pick, main_only=True)
+    step = found[2]["step"] if found else -1
+    if world > 1:
+        (step,) = broadcast_object_list([step])
     if step < 0:
         return
-    latest = ckpt.checkpoint_dir(run_dir, step)
-    adapters = ckpt.load_adapters(latest)
+
+    def read():  # the other processes read the checkpoint the main process chose
+        if found:
+            return found
+        path = ckpt.checkpoint_dir(run_dir, step)
+        try:
+            return (path, *ckpt.read_checkpoint(path, needed))
+        except ckpt.DamagedCheckpoint as err:
+            raise UserError(f"process {accelerator.process_index} cannot read {path} ({err}): the run folder must "
+                            "be on storage every process sees") from err
+
+    latest, adapters, state = agreed(accelerator, read)
     if run.ema is not None:  # the EMA goes through the generator adapter first, then the raw weights replace it
         load_adapter_state_dict(run.roles.unet, GENERATOR, adapters.pop(ckpt.GENERATOR_EMA))
         run.ema = [p.detach().clone() for p in run.generator_params()]
     for name in (GENERATOR, FAKE_SCORE):
         load_adapter_state_dict(run.roles.unet, name, adapters[name])
-    state = ckpt.load_training_state(latest)
     run.opt_generator.load_state_dict(state["opt_generator"])
     run.opt_fake.load_state_dict(state["opt_fake"])
     if state.get("scaler_generator"):
@@ -196,24 +169,28 @@ def resume(run: Run, run_dir: Path, accelerator) -> None:
     torch.set_rng_state(state["torch_rng"])
     run.jacobian_norm, run.error_table = state.get("jacobian_norm"), state.get("error_table")
     run.step = state["step"]
-    print(f"resuming from {latest} (iteration {run.step})")
+    if accelerator.is_main_process:
+        print(f"resuming from {latest} (iteration {run.step})")
 
 
-def validation_grid(run: Run, cache, prompts: list[str], teacher, seed: int, path: Path, guidance: float):
+def validation_grid(run: Run, cache, prompts: list[str], teacher, cfg: DistillConfig, accelerator) -> None:
     """One-step samples for fixed prompts and seeds (seed + i for prompt i) beside the teacher's N-step images from
-    the same noise at the run's guidance (made once, kept in samples/teacher/), labelled, saved as one PNG."""
+    the same noise at the run's guidance (made once, kept in samples/teacher/), labelled, saved as one PNG and sent
+    to the tracker."""
     device = next(run.roles.unet.parameters()).device
     shape = (teacher.latent_channels, teacher.latent_size, teacher.latent_size)
-    seeds = [seed + i for i in range(len(prompts))]
+    seeds = [cfg.seed + i for i in range(len(prompts))]
     z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     with torch.no_grad(), run.exported_weights():
         x0 = run.roles.generator(z.to(device), cache.get(prompts, device=device))
         run.roles.activate(None)
     images = to_pil(decode_latents(teacher.vae, x0, teacher.scaling_factor))
-    reference = grids.teacher_reference(teacher, prompts, seeds, z, guidance, path.parent / "teacher")
-    grid = grids.validation_figure(reference, images, prompts, seeds, grids.TEACHER_STEPS, guidance, run.step)
-    save_image_atomic(path, grid)
-    return grid
+    samples = Path(cfg.output) / "samples"
+    reference = grids.teacher_reference(teacher, prompts, seeds, z, cfg.guidance_scale, samples / "teacher")
+    grid = grids.validation_figure(reference, images, prompts, seeds, grids.TEACHER_STEPS, cfg.guidance_scale,
+                                   run.step)
+    save_image_atomic(samples / f"step-{run.step:06d}.png", grid)
+    _log_image(accelerator, cfg, grid, run.step)
 
 
 def set_learning_rates(run: Run, cfg: DistillConfig) -> float:
@@ -225,87 +202,117 @@ def set_learning_rates(run: Run, cfg: DistillConfig) -> float:
 
 
 # ---------------------------------------------------------------- the loop
-def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None = None) -> Path:
+def distill(cfg: DistillConfig, overwrite: bool = False, stop_after: int | None = None,
+            finish: Callable[[Path], None] | None = None) -> Path:
     """Run (or resume) EMD distillation. `stop_after` ends early after that many iterations in this call
     (checkpointing first), as a crash would; running again continues. SIGINT / SIGTERM finish the iteration
-    in progress, save it, and raise `Interrupted`."""
+    in progress, save it, and raise `Interrupted`. `finish` (the CLI's export) runs on the main process after the
+    last iteration, while the run folder is still locked: a second command on the folder cannot export beside it."""
     run_dir = Path(cfg.output)
     accelerator = make_accelerator(cfg, run_dir)
-    with ckpt.RunLock(run_dir) if accelerator.is_main_process else nullcontext() as lock:
-        if accelerator.is_main_process and prepare_run_dir(cfg, overwrite) is not None:
-            lock.acquire()  # the folder locked above was moved aside; lock the new one
-        accelerator.wait_for_everyone()
-        return _distill(cfg, accelerator, run_dir, stop_after)
+    lock = ckpt.RunLock(run_dir)
+    try:
+        try:
+            agreed(accelerator, claim_run_dir, cfg, overwrite, accelerator.num_processes, lock, main_only=True)
+            _distill(cfg, accelerator, stop_after)
+        finally:  # trackers closed, process group ended (gloo's threads abort a process that exits with them)
+            accelerator.end_training()
+        if finish is not None and accelerator.is_main_process:
+            finish(run_dir)
+    finally:
+        lock.release()
+    return run_dir
 
 
-def _distill(cfg: DistillConfig, accelerator, run_dir: Path, stop_after: int | None) -> Path:
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    precision = mixed_precision_on(device, cfg.mixed_precision)
-    if device.type == "cuda":  # TF32 for the float32 work (LoRA matmuls, the EMD math); bf16/fp16 is unaffected
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.cuda.reset_peak_memory_stats(device)
+@dataclass
+class Inputs:
+    """What a run reads: the teacher, its prompts and their embeddings."""
 
-    # Teacher, one UNet in three roles, optimizers, loss scalers.
+    teacher: object
+    prompts: object
+    cache: object
+    validation_prompts: list[str]
+
+
+def open_inputs(cfg: DistillConfig, device: torch.device, precision: str) -> Inputs:
+    """The teacher, the prompts (read lazily: 8 bytes each in RAM) and their embeddings (a precomputed store or a
+    bounded cache, each encoded once), and the null prompt for guidance."""
     teacher = load_teacher(cfg.teacher, dtype=weight_dtype(precision), device=device)
-    unet = teacher.unet
+    prompts = open_prompts(cfg.prompts, column=cfg.prompt_column) if cfg.prompts else default_prompts(cfg)
+    truncate_report(teacher.tokenizer, prompts)
+    cache = open_embeddings(teacher.tokenizer, teacher.conditioning_encoder(), prompts, cfg.embeddings,
+                            max_entries=cfg.embedding_cache)
+    return Inputs(teacher, prompts, cache, distinct_spread(prompts, cfg.num_validation_prompts))
+
+
+def start_run(cfg: DistillConfig, unet, teacher, device: torch.device, precision: str, clock) -> Run:
+    """One UNet in three roles, the optimizers, the loss scalers and the EMA, at iteration 0."""
     torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn at random (B = 0): seed them for reproducible runs
     add_roles(unet, cfg.generator_rank, cfg.fake_rank, cfg.target_modules)
-    clock = UNetClock(device) if cfg.profile else None
     roles = Roles(unet, teacher.alphas_cumprod, teacher.prediction_type, cfg.t_star, cfg.guidance_scale, clock)
     if cfg.gradient_checkpointing:
         roles.enable_gradient_checkpointing()
     gen_params, fake_params = adapter_parameters(unet, GENERATOR), adapter_parameters(unet, FAKE_SCORE)
     opt_g = torch.optim.AdamW(gen_params, lr=cfg.generator_lr, weight_decay=0.0)
     opt_f = torch.optim.AdamW(fake_params, lr=cfg.fake_lr, weight_decay=0.0)
-    run = Run(roles, opt_g, opt_f, make_scaler(device, precision), make_scaler(device, precision),
-              ema=[p.detach().clone() for p in gen_params] if cfg.ema_decay > 0 else None)
+    return Run(roles, opt_g, opt_f, make_scaler(device, precision), make_scaler(device, precision),
+               ema=[p.detach().clone() for p in gen_params] if cfg.ema_decay > 0 else None)
+
+
+def _distill(cfg: DistillConfig, accelerator, stop_after: int | None) -> None:
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    run_dir, main = Path(cfg.output), accelerator.is_main_process
+    precision = mixed_precision_on(device, cfg.mixed_precision)
+    if device.type == "cuda":  # TF32 for the float32 work (LoRA matmuls, the EMD math); bf16/fp16 is unaffected
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats(device)
+
+    inputs = agreed(accelerator, open_inputs, cfg, device, precision)
+    teacher, prompts, cache = inputs.teacher, inputs.prompts, inputs.cache
+    agreed(accelerator, record_config, cfg, world, main_only=True)  # the inputs are sound: this is the run
+    clock = UNetClock(device) if cfg.profile else None
+    run = start_run(cfg, teacher.unet, teacher, device, precision, clock)
     settings = emd_settings(cfg)
 
     def autocast():
         return torch.autocast(device.type, dtype=weight_dtype(precision), enabled=precision != "no")
 
-    # Prompts, their embeddings (each encoded once), the null prompt for guidance.
-    # Prompts are read lazily (8 bytes each in RAM); embeddings come from a precomputed store or a bounded cache.
-    prompts = open_prompts(cfg.prompts, column=cfg.prompt_column) if cfg.prompts else default_prompts(cfg)
-    truncate_report(teacher.tokenizer, prompts)
-    cache = open_embeddings(teacher.tokenizer, teacher.conditioning_encoder(), prompts, cfg.embeddings,
-                            max_entries=cfg.embedding_cache)
-    validation_prompts = distinct_spread(prompts, cfg.num_validation_prompts)
+    def on_main(fn, *args):  # the main process writes the run folder; a failed write stops every process
+        return agreed(accelerator, fn, *args, main_only=True)
 
-    check_ranks_agree(unet, accelerator, "at start")
-    resume(run, run_dir, accelerator)
+    check_ranks_agree(teacher.unet, accelerator, "at start")
+    resume(run, cfg, accelerator)
     if run.step > 0:
-        check_ranks_agree(unet, accelerator, f"after resuming at iteration {run.step}")
-    if accelerator.is_main_process and cfg.report_to != "none":
+        check_ranks_agree(teacher.unet, accelerator, f"after resuming at iteration {run.step}")
+    if main and cfg.report_to != "none":
         accelerator.init_trackers("emd-t2i", config={k: str(v) for k, v in cfg.to_dict().items()})
-    if accelerator.is_main_process:
-        (run_dir / "samples").mkdir(exist_ok=True)
-    log_path = run_dir / "log.jsonl"
     latent_shape = (teacher.latent_channels, teacher.latent_size, teacher.latent_size)
     last_step = cfg.iterations if stop_after is None else min(cfg.iterations, run.step + stop_after)
-    bar = tqdm(total=cfg.iterations, initial=run.step, disable=not accelerator.is_main_process, desc="emd")
+    bar = tqdm(total=cfg.iterations, initial=run.step, disable=not main, desc="emd")
     window = Window.start(run, clock)
     try:
         with StopRequest() as stop:
             while run.step < last_step:
                 stats = {"loss_generator": 0.0, "loss_fake": 0.0, "weight": 0.0, "eps_tilde_rms": 0.0,
                          "lr_scale": set_learning_rates(run, cfg)}
-                batch = make_batch(cfg, settings, prompts, cache, latent_shape, run.step, rank, world, device)
+                batch = agreed(accelerator, make_batch, cfg, settings, prompts, cache, latent_shape, run.step, rank,
+                               world, device)
                 if settings.z_step == "jacobian" and (run.step % cfg.jacobian_every == 0 or run.jacobian_norm is None):
-                    run.jacobian_norm = measure_jacobian_norm(run, cfg, prompts, cache, latent_shape, world, device,
-                                                              autocast)
+                    run.jacobian_norm = agreed(accelerator, measure_jacobian_norm, run, cfg, prompts, cache,
+                                               latent_shape, world, device, autocast)
                 stats["jacobian_norm"] = run.jacobian_norm
                 x0_samples = generator_update(run, cfg, settings, batch, teacher.alphas_cumprod, autocast, world,
                                               stats)
                 if run.ema is not None:
-                    update_ema(run.ema, gen_params, ema_decay_at(cfg.ema_decay, run.step))
+                    update_ema(run.ema, run.generator_params(), ema_decay_at(cfg.ema_decay, run.step))
                 fake_score_updates(run, cfg, batch, x0_samples, teacher.alphas_cumprod, autocast, world, stats)
+                global_means(stats, world, device)
 
                 # ---- no NaN is hidden: non-finite steps were skipped above; count them, stop when they persist
                 if not finite_iteration(stats, precision == "fp16"):
                     run.bad_steps += 1
                     if run.bad_steps >= MAX_BAD_STEPS:
-                        save(run, run_dir, cfg, accelerator, precision)
+                        on_main(save, run, cfg, precision, world)
                         raise FloatingPointError(
                             f"{MAX_BAD_STEPS} non-finite losses in a row at iteration {run.step}; lower the "
                             "learning rates or use bf16 instead of fp16")
@@ -318,31 +325,34 @@ def _distill(cfg: DistillConfig, accelerator, run_dir: Path, stop_after: int | N
                 if run.step % cfg.log_every == 0 or run.step == last_step:
                     stats.update(step=run.step, non_finite=run.bad_steps, **window.read(run, clock, device))
                     if precision == "fp16":
-                        stats["loss_scale"] = run.scaler_generator.get_scale()
+                        stats.update(loss_scale_generator=run.scaler_generator.get_scale(),
+                                     loss_scale_fake=run.scaler_fake.get_scale())
                     window = Window.start(run, clock)
                     bar.set_postfix(g=f"{stats['loss_generator']:.4f}", f=f"{stats['loss_fake']:.4f}",
                                     gn=f"{stats['grad_norm_generator']:.3f}", its=f"{stats['it_per_s']:.2f}")
-                    if accelerator.is_main_process:
-                        append_jsonl(log_path, stats)
-                        accelerator.log({k: v for k, v in stats.items() if k != "step"}, step=run.step)
-                if accelerator.is_main_process and validation_prompts and (
+                    on_main(log_line, accelerator, run_dir / "log.jsonl", stats)
+                if inputs.validation_prompts and (
                     (cfg.validate_every and run.step % cfg.validate_every == 0) or run.step == cfg.iterations
                 ):
-                    grid = validation_grid(run, cache, validation_prompts, teacher, cfg.seed,
-                                           run_dir / "samples" / f"step-{run.step:06d}.png", cfg.guidance_scale)
-                    _log_image(accelerator, cfg, grid, run.step)
+                    on_main(validation_grid, run, cache, inputs.validation_prompts, teacher, cfg, accelerator)
                 saved = run.step % cfg.checkpoint_every == 0 or run.step == last_step
                 if saved:
-                    save(run, run_dir, cfg, accelerator, precision)
+                    on_main(save, run, cfg, precision, world)
                 signum = stop.agreed(world, device)
                 if signum is not None:
-                    path = save(run, run_dir, cfg, accelerator, precision) if not saved else ckpt.checkpoint_dir(run_dir, run.step)
-                    print(f"stopped after iteration {run.step}: saved {path}; run the same command again to resume")
+                    if not saved:
+                        on_main(save, run, cfg, precision, world)
+                    if main:
+                        print(f"stopped after iteration {run.step}: saved {ckpt.checkpoint_dir(run_dir, run.step)}; "
+                              "run the same command again to resume")
                     raise Interrupted(signum)
     finally:
         bar.close()
-        accelerator.end_training()
-    return run_dir
+
+
+def log_line(accelerator, path: Path, stats: dict) -> None:
+    append_jsonl(path, stats)
+    accelerator.log({k: v for k, v in stats.items() if k != "step"}, step=stats["step"])
 
 
 def default_prompts(cfg: DistillConfig) -> list[str]:

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from test_train import tiny_config
 from typer.testing import CliRunner
 
 from emd_t2i import checkpoint as ckpt
 from emd_t2i.cli import app
+from emd_t2i.errors import UserError
 from emd_t2i.train import distill
 
 FLAGS = ["--iterations", "10", "--batch-size", "2", "--num-langevin-steps", "2", "--gamma-z", "0.1",
@@ -87,15 +89,26 @@ def test_sigkill_then_the_same_command_equals_an_uninterrupted_run(
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
+def flip_tail(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-8:] = bytes(8 - i for i in range(8))  # same size, other bytes
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "a flipped tail": lambda c: flip_tail(c / "generator.safetensors"),
+    "a manifest that is not UTF-8": lambda c: (c / "manifest.json").write_bytes(b'{"generator.safetensors": \xff\xfe}'),
+    "no manifest and a truncated file": lambda c: ((c / "manifest.json").unlink(), (c / "fake_score.safetensors")
+                                                   .write_bytes((c / "fake_score.safetensors").read_bytes()[:100])),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_used(tiny_teacher_dir, prompt_file, tmp_path,
-                                                                     capsys):
+                                                                     capsys, damage):
     cfg = tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "run", iterations=4, validate_every=0)
     distill(cfg)
-    newest = ckpt.latest_checkpoint(cfg.output)
-    data = bytearray((newest / "generator.safetensors").read_bytes())
-    data[-8:] = bytes(8 - i for i in range(8))  # a flipped tail: same size, other bytes
-    (newest / "generator.safetensors").write_bytes(bytes(data))
-    assert "checksum" in ckpt.verify_checkpoint(newest)
+    DAMAGE[damage](ckpt.latest_checkpoint(cfg.output))
 
     distill(tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "run", iterations=6, validate_every=0))
     err = capsys.readouterr()
@@ -105,27 +118,106 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_used(tiny_teache
     assert logged_steps(Path(cfg.output)) == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_full_disk_leaves_the_previous_checkpoint_and_ends_in_one_line(tiny_teacher_dir, prompt_file, tmp_path,
-                                                                         monkeypatch):
-    real = ckpt.save_file
+def distill_args(teacher, prompts, out, *extra) -> list[str]:
+    return ["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--output", str(out), "--iterations", "4",
+            "--batch-size", "2", "--generator-rank", "4", "--fake-rank", "4", "--fake-updates", "1",
+            "--checkpoint-every", "2", "--validate-every", "0", "--log-every", "1", "--device", "cpu", "--no-export", *extra]
 
-    def fill_up(state, path, metadata=None):
-        if "step-000004" in path:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(state, path, metadata=metadata)
 
-    monkeypatch.setattr(ckpt, "save_file", fill_up)
+def one_error_line(result) -> str:
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_when_every_checkpoint_is_damaged_the_run_is_refused_until_overwrite(tiny_teacher_dir, prompt_file, tmp_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["distill", "--teacher", str(tiny_teacher_dir), "--prompts", str(prompt_file),
-                                      "--output", str(out), "--iterations", "4", "--batch-size", "2",
-                                      "--generator-rank", "4", "--fake-rank", "4", "--fake-updates", "1",
-                                      "--checkpoint-every", "2", "--validate-every", "0", "--device", "cpu"])
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    message = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(message) == 1 and "no space left" in message[0] and "step-000002" in message[0]
+    assert CliRunner().invoke(app, distill_args(tiny_teacher_dir, prompt_file, out)).exit_code == 0
+    for checkpoint in ckpt.list_checkpoints(out):
+        DAMAGE["a flipped tail"](checkpoint)
+    for _ in range(2):  # refused the same way every time: nothing was moved, nothing restarted
+        line = one_error_line(CliRunner().invoke(app, distill_args(tiny_teacher_dir, prompt_file, out)))
+        assert "every checkpoint" in line and "step-000004: generator.safetensors does not match its checksum" in line
+        assert "step-000002" in line and "--overwrite" in line
+        assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-000002", "step-000004"]
+        assert logged_steps(out) == [1, 2, 3, 4]
+    result = CliRunner().invoke(app, distill_args(tiny_teacher_dir, prompt_file, out, "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert logged_steps(out) == [1, 2, 3, 4] and not list((out / "checkpoints").glob("corrupt-*"))
+    (old,) = tmp_path.glob("run.old-*")  # the damaged run, kept whole
+    assert [p.name for p in ckpt.list_checkpoints(old)] == ["step-000002", "step-000004"]
+
+
+def ends_mid_write(real, error: Exception):
+    """A writer that writes part of its file, then fails as a full disk makes the library fail."""
+
+    def write(obj, path, *args, **kwargs):
+        if "step-000004" not in str(path):
+            return real(obj, path, *args, **kwargs)
+        Path(path).write_bytes(b"\0" * 1000)
+        raise error
+
+    return write
+
+
+FULL_DISK = {  # what each writer raised on a full tmpfs
+    "OSError": ("save_file", OSError(errno.ENOSPC, "No space left on device")),
+    "SafetensorError": ("save_file", SafetensorError("Error while serializing: I/O error: No space left on device "
+                                                     "(os error 28)")),
+    "torch's RuntimeError": ("torch.save", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                                                        "576 vs 534")),
+}
+
+
+@pytest.mark.parametrize("raised", FULL_DISK)
+def test_a_full_disk_leaves_the_previous_checkpoint_and_ends_in_one_line(tiny_teacher_dir, prompt_file, tmp_path,
+                                                                         monkeypatch, raised):
+    writer, error = FULL_DISK[raised]
+    if writer == "save_file":
+        monkeypatch.setattr(ckpt, "save_file", ends_mid_write(ckpt.save_file, error))
+    else:
+        monkeypatch.setattr(torch, "save", ends_mid_write(torch.save, error))
+    out = tmp_path / "run"
+    line = one_error_line(CliRunner().invoke(app, distill_args(tiny_teacher_dir, prompt_file, out)))
+    assert "cannot write" in line and "step-000004" in line and "resumes from step-000002, which is intact" in line
+    if raised != "torch's RuntimeError":
+        assert "no space left on the disk" in line
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-000002"]
-    assert ckpt.verify_checkpoint(ckpt.latest_checkpoint(out)) is None
+    ckpt.read_checkpoint(ckpt.latest_checkpoint(out))  # intact: verifies and loads
     assert not list((out / "checkpoints").glob(".tmp-*")), "a half-written checkpoint was left behind"
+
+    monkeypatch.undo()  # space freed
+    config = (out / "config.json").stat()
+    partial = out / "checkpoints" / ".tmp-step-000009"  # as a SIGKILL mid-save leaves it
+    partial.mkdir()
+    (partial / "generator.safetensors").write_bytes(b"\0" * 1000)
+    assert CliRunner().invoke(app, distill_args(tiny_teacher_dir, prompt_file, out)).exit_code == 0
+    assert logged_steps(out) == [1, 2, 3, 4] and not partial.exists()
+    assert (out / "config.json").stat().st_mtime_ns == config.st_mtime_ns, "an unchanged config.json was rewritten"
+
+
+def test_a_full_disk_during_export_keeps_the_previous_export(tiny_teacher_dir, prompt_file, tmp_path, monkeypatch):
+    from emd_t2i import export
+
+    out = tmp_path / "run"
+    assert CliRunner().invoke(app, distill_args(tiny_teacher_dir, prompt_file, out)).exit_code == 0
+    args = ["export", str(out), "--format", "lora", "--format", "kohya", "--overwrite"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in (out / "export").iterdir() if p.is_file()}
+    calls = {"n": 0}
+
+    def second_fails(state, path, metadata=None):  # the LoRA file is written, the kohya file meets the full disk
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return save_file(state, path, metadata=metadata)
+
+    monkeypatch.setattr(export, "save_file", second_fails)
+    line = one_error_line(CliRunner().invoke(app, args))
+    assert "cannot write" in line and "no space left on the disk" in line and str(out / "export") in line
+    assert not [p.name for p in out.iterdir() if p.name.startswith((".tmp", ".old"))], "partial export left behind"
+    assert {p.name: p.read_bytes() for p in (out / "export").iterdir() if p.is_file()} == before
 
 
 def test_a_second_process_on_the_same_run_folder_is_refused(tiny_teacher_dir, prompt_file, tmp_path):
@@ -139,3 +231,25 @@ def test_a_second_process_on_the_same_run_folder_is_refused(tiny_teacher_dir, pr
         assert not (out / "config.json").exists()
     result = CliRunner().invoke(app, args)  # released (a killed holder releases it too: the kernel drops it)
     assert result.exit_code == 0, result.output
+
+
+def test_the_run_folder_stays_locked_through_the_export(tiny_teacher_dir, prompt_file, tmp_path, monkeypatch):
+    from emd_t2i import export
+
+    real, seen = export.export_run, []
+
+    def export_run(run_dir, **kwargs):  # a second command arriving now must be refused, not export beside this one
+        second = ckpt.RunLock(run_dir)
+        try:
+            second.acquire()
+            seen.append("unlocked")
+        except UserError:
+            seen.append("locked")
+        second.release()
+        return real(run_dir, **kwargs)
+
+    monkeypatch.setattr(export, "export_run", export_run)
+    args = distill_args(tiny_teacher_dir, prompt_file, tmp_path / "run", "--iterations", "1")
+    result = CliRunner().invoke(app, [a for a in args if a != "--no-export"])
+    assert result.exit_code == 0, result.output
+    assert seen == ["locked"]

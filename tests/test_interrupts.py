@@ -109,5 +109,23 @@ def test_fp16_overflow_skips_the_step_backs_off_and_goes_on(tiny_teacher_dir, pr
     assert [r["step"] for r in log] == [1, 2, 3, 4]  # the run went on
     assert moved == [True, True, False, True, True, True, True, True]  # only iteration 2's generator step skipped
     assert not math.isfinite(log[1]["grad_norm_generator"])
-    assert log[0]["loss_scale"] == 2.0**16 and log[1]["loss_scale"] == log[3]["loss_scale"] == 2.0**15
+    assert log[0]["loss_scale_generator"] == 2.0**16 and log[1]["loss_scale_generator"] == log[3]["loss_scale_generator"] == 2.0**15
     assert all(r["non_finite"] == 0 for r in log)  # an overflow is the scaler's business, not a bad step
+
+
+def test_the_log_shows_both_loss_scales_and_the_mean_fake_gradient_norm(tiny_teacher_dir, prompt_file, tmp_path,
+                                                                        monkeypatch):
+    real, norms = iteration.optimizer_step, []
+
+    def record(*args):
+        norms.append(real(*args))
+        return norms[-1]
+
+    monkeypatch.setattr(iteration, "optimizer_step", record)
+    run = distill(tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "run", iterations=1, mixed_precision="fp16",
+                              fake_updates=3, validate_every=0))
+    (log,) = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    generator, *fake = norms  # one generator step, then the fake score's three
+    assert log["grad_norm_generator"] == generator and len(set(fake)) == 3
+    assert log["grad_norm_fake"] == pytest.approx(sum(fake) / 3)  # the mean over the updates, not the last one
+    assert log["loss_scale_generator"] == log["loss_scale_fake"] == 2.0**16

@@ -56,11 +56,17 @@ def test_checkpointing_recomputes_each_role_under_its_own_adapter(tiny_teacher_d
     ckpt_gen, ckpt_fake = one_update_grads(teacher, roles, gamma_z)
     assert relative_error(ckpt_gen, plain_gen) < 1e-5
     assert relative_error(ckpt_fake, plain_fake) < 1e-5
-    # The fault this guards against: diffusers' own checkpointing recomputes under whatever role is active
-    # at backward time (the E-step ends on the fake score), and the gradient silently changes.
+
+
+def test_checkpointing_turned_on_the_diffusers_way_after_the_roles_is_refused(tiny_teacher_dir):
+    """diffusers' own checkpointing recomputes under whatever role is active at backward time (the E-step ends on
+    the fake score): the generator's gradient would silently change, so computing one is refused."""
+    teacher, roles = roles_with_moved_adapters(tiny_teacher_dir)
     teacher.unet.enable_gradient_checkpointing()
-    naive_gen, _ = one_update_grads(teacher, roles, gamma_z)
-    assert relative_error(naive_gen, plain_gen) > 1e-3
+    with pytest.raises(RuntimeError, match="Roles.enable_gradient_checkpointing"):
+        one_update_grads(teacher, roles, 0.0)
+    roles.enable_gradient_checkpointing()  # the role-aware way is accepted
+    one_update_grads(teacher, roles, 0.0)
 
 
 def test_roles_take_over_checkpointing_enabled_the_diffusers_way(tiny_teacher_dir):

@@ -118,8 +118,17 @@ def test_missing_unknown_and_unreadable_files(tmp_path):
     with pytest.raises(UserError, match="p.parquet has an unknown type"):
         load_prompts(_write(tmp_path / "p.parquet", "x"))
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\xfa")
-    with pytest.raises(UserError, match="cannot read prompt file .*bad.txt"):
+    with pytest.raises(UserError, match="prompt file .*bad.txt, line 1, is not UTF-8"):
         load_prompts(str(tmp_path / "bad.txt"))
+
+
+@pytest.mark.parametrize("name", ["p.txt", "p.csv", "p.jsonl"])
+def test_text_that_is_not_utf8_is_named_by_its_line(tmp_path, name):
+    lines = {"p.txt": [b"a cat", b"a dog", b"caf\xe9 au lait"], "p.csv": [b"prompt", b"a cat", b"caf\xe9 au lait"],
+             "p.jsonl": [b'{"prompt": "a cat"}', b'{"prompt": "a dog"}', b'{"prompt": "caf\xe9"}']}[name]
+    (tmp_path / name).write_bytes(b"\n".join(lines) + b"\n")  # Latin-1 on line 3
+    with pytest.raises(UserError, match=rf"{name}, line 3, is not UTF-8 text: save the file as UTF-8"):
+        load_prompts(str(tmp_path / name))
 
 
 def test_hf_without_datasets_says_pip_install(monkeypatch):
