@@ -24,6 +24,11 @@ declare -A POINTS=(
   [dmd]="--num-langevin-steps 1 --gamma-eps 2.0 --gamma-z 0.0"
   # against dmd: the chain only (K = 2, eps-only: the toy preset's "EMD" until this study)
   [emd_k2]="--num-langevin-steps 2 --gamma-z 0.0"
+  # against emd_k2: z moves (the snr step, 0.025 at t = 200 where the E-step probe saw the chain move samples,
+  # 0.096 at t = 800; benchmarks/results/estep_probe)
+  [emd_k2_z]="--num-langevin-steps 2 --gamma-z 0.1 --z-step snr"
+  # against dmd: the weighting only (DMD's normaliser as a running mean per t bin)
+  [dmd_t]="--num-langevin-steps 1 --gamma-eps 2.0 --gamma-z 0.0 --weighting dmd-t"
 )
 if [[ "${1:-}" == "--print" ]]; then
   for name in "${!POINTS[@]}"; do echo "$name: ${POINTS[$name]}"; done
@@ -34,5 +39,5 @@ spec=${POINTS[$name]:?unknown point $name}
 run=runs/study22/${name}_s$seed
 start=$(date +%s)
 # shellcheck disable=SC2086
-.venv/bin/emd-t2i distill --teacher toy --output "$run" --seed "$seed" --iterations "$iterations" $BASE $spec
+"${PYTHON:-.venv/bin/python}" -m emd_t2i.cli distill --teacher toy --output "$run" --seed "$seed" --iterations "$iterations" $BASE $spec
 echo "distill_seconds $(($(date +%s) - start))" > "$run/wall.txt"
