@@ -12,9 +12,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from emd_t2i.config import EVAL_PROMPTS
-from emd_t2i.evaluate import one_step_images, toy_report
-from emd_t2i.export import FACTS_FILE, export_run
+from emd_t2i.evaluation.toy import one_step_images, toy_report
+from emd_t2i.export.layout import FACTS_FILE
+from emd_t2i.export.writer import export_run
+from emd_t2i.training.config import EVAL_PROMPTS
 
 
 def main() -> None:

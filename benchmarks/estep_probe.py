@@ -29,15 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emd_t2i.checkpoint import checkpoint_dir, load_adapters
-from emd_t2i.config import DistillConfig
-from emd_t2i.embeddings import EmbeddingCache
+from emd_t2i.data.cache import EmbeddingCache
 from emd_t2i.emd import Draws, EMDSettings, e_step, generator_jacobian_norm
-from emd_t2i.evaluate import teacher_images
+from emd_t2i.evaluation.toy import teacher_images
 from emd_t2i.images import decode_latents
-from emd_t2i.roles import FAKE_SCORE, GENERATOR, Roles, add_roles, load_adapter_state_dict
+from emd_t2i.models.roles import FAKE_SCORE, GENERATOR, Roles, add_roles, load_adapter_state_dict
+from emd_t2i.models.teachers import load_teacher
 from emd_t2i.schedule import alpha_sigma
-from emd_t2i.teachers import load_teacher
 from emd_t2i.toy.metrics import evaluation_prompts, prompt_accuracy
 from emd_t2i.toy.modes import (
     TEACHER_SEED_OFFSET,
@@ -45,6 +43,8 @@ from emd_t2i.toy.modes import (
     attribute_labels,
     coverage_from_labels,
 )
+from emd_t2i.training.checkpoint import checkpoint_dir, load_adapters
+from emd_t2i.training.config import DistillConfig
 
 CHUNK = 256  # samples per UNet call
 

@@ -125,7 +125,7 @@ def section_flops(c: Check) -> dict:
 def _distill_config(c: Check, run_dir: Path, checkpointing: bool):
     """The run a user gets for this teacher (its preset: LoRA targets, ranks, EMA, guidance ...), at the check's
     EMD setting and size."""
-    from emd_t2i.config import build_config
+    from emd_t2i.training.config import build_config
 
     return build_config(
         teacher=str(c.teacher), prompts=str(c.workdir / "prompts.txt"), output=str(run_dir),
@@ -139,7 +139,7 @@ def _distill_config(c: Check, run_dir: Path, checkpointing: bool):
 def section_train(c: Check, checkpointing: bool) -> dict:
     import shutil
 
-    from emd_t2i.train import distill
+    from emd_t2i.training.loop import distill
 
     run_dir = c.workdir / f"run-checkpointing-{'on' if checkpointing else 'off'}"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -189,7 +189,7 @@ def section_train(c: Check, checkpointing: bool) -> dict:
 
 
 def section_export(c: Check) -> dict:
-    from emd_t2i.export import export_run
+    from emd_t2i.export.writer import export_run
 
     run_dir = next((c.runs[k] for k in (True, False) if k in c.runs), None)
     if run_dir is None:
@@ -222,8 +222,8 @@ def section_sampling(c: Check) -> dict:
     """Latency and images / s of the one-step export and the 25-step teacher (VAE decode included)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from emd_t2i.config import build_config
-    from emd_t2i.export import one_step_scheduler
+    from emd_t2i.export.writer import one_step_scheduler
+    from emd_t2i.training.config import build_config
 
     guidance = build_config(teacher=str(c.teacher)).guidance_scale  # the teacher guidance a run distills
     out = {"teacher_steps": TEACHER_STEPS, "teacher_guidance_scale": guidance, "dtype": str(c.dtype),
@@ -267,8 +267,8 @@ def section_sdxl_train(c: Check) -> dict:
 
     from sdxl_cpu import BUILD_SCRIPT
 
-    from emd_t2i.config import build_config
-    from emd_t2i.train import distill
+    from emd_t2i.training.config import build_config
+    from emd_t2i.training.loop import distill
 
     teacher = c.workdir / "sdxl-teacher"
     start = time.perf_counter()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from emd_t2i.evaluate import one_step_images, teacher_images
+from emd_t2i.evaluation.toy import one_step_images, teacher_images
 from emd_t2i.toy.modes import coverage_report
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from emd_t2i.evaluate import TOY_TEACHER_STEPS, one_step_images, teacher_images, toy_report
-from emd_t2i.export import export_run
+from emd_t2i.evaluation.toy import TOY_TEACHER_STEPS, one_step_images, teacher_images, toy_report
+from emd_t2i.export.writer import export_run
 
 CACHE = Path("runs/mode_score_cache")
 

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from emd_t2i.config import DEFAULT_TARGET_MODULES, build_config
-from emd_t2i.evaluate import toy_report
+from emd_t2i.data.cache import EmbeddingCache
+from emd_t2i.evaluation.toy import toy_report
 from emd_t2i.images import decode_latents
-from emd_t2i.prompts import EmbeddingCache
-from emd_t2i.roles import GENERATOR, TEACHER, Roles, adapter_parameters, add_roles
-from emd_t2i.teachers import load_teacher
+from emd_t2i.models.roles import GENERATOR, TEACHER, Roles, adapter_parameters, add_roles
+from emd_t2i.models.teachers import load_teacher
 from emd_t2i.toy.domain import all_captions
 from emd_t2i.toy.metrics import prompt_accuracy
+from emd_t2i.training.config import DEFAULT_TARGET_MODULES, build_config
 
 
 @torch.no_grad()

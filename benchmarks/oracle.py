@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from emd_t2i.oracle import Chain, Mixture, fit, gradient_samples
+from tools.oracle import Chain, Mixture, fit, gradient_samples
 
 LR, A0 = 0.02, 2.0
 

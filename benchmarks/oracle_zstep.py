@@ -14,7 +14,17 @@ from pathlib import Path
 
 import torch
 
-from emd_t2i.oracle import ASYMMETRIC, MINORITY, SHARP, SYMMETRIC, Chain, chain_z, fit, fit_error, gradient_samples
+from tools.oracle import (
+    ASYMMETRIC,
+    MINORITY,
+    SHARP,
+    SYMMETRIC,
+    Chain,
+    chain_z,
+    fit,
+    fit_error,
+    gradient_samples,
+)
 
 LR, A0 = 0.02, 2.0
 MIXTURES = {"symmetric": SYMMETRIC, "asymmetric": ASYMMETRIC, "minority": MINORITY, "sharp": SHARP}

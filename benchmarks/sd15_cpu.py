@@ -49,7 +49,7 @@ TRAIN_PROMPTS = [
 
 SAMPLE_SCRIPT = """\
 import sys, numpy
-from emd_t2i.sample import sample
+from emd_t2i.export.sample import sample
 s = sample([sys.argv[2]], model=sys.argv[1], seed=int(sys.argv[3]), device="cpu")
 numpy.save(sys.argv[4] + "/latents.npy", s.latents.float().numpy())
 s.images[0].save(sys.argv[4] + "/image.png")

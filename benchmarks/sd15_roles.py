@@ -10,9 +10,9 @@ import time
 import torch
 from diffusers import UNet2DConditionModel
 
-from emd_t2i.config import DEFAULT_TARGET_MODULES
-from emd_t2i.roles import FAKE_SCORE, GENERATOR, Roles, add_roles
+from emd_t2i.models.roles import FAKE_SCORE, GENERATOR, Roles, add_roles
 from emd_t2i.schedule import sd_alphas_cumprod
+from emd_t2i.training.config import DEFAULT_TARGET_MODULES
 
 SD15_UNET = {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8,
              "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2}

@@ -108,7 +108,7 @@ def build_sd15(*, device: str | torch.device = "cpu", dtype: torch.dtype = torch
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from emd_t2i.tokenizer import clip_tokenizer
+    from tools.tokenizer import clip_tokenizer
 
     components = {}
     with torch.device(device):  # initialised where they will run: on a GPU in seconds

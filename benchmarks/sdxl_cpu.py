@@ -61,7 +61,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPi
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 sys.path.insert(0, sys.argv[4])
 from sdxl_cpu import SDXL_SCHEDULER_CONFIG, SDXL_UNET_CONFIG, SDXL_UNET_PARAMETERS
-from emd_t2i.tokenizer import clip_tokenizer
+from tools.tokenizer import clip_tokenizer
 torch.manual_seed(0)
 unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
 count = sum(p.numel() for p in unet.parameters())

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from emd_t2i.config import DEFAULT_TARGET_MODULES
+from emd_t2i.training.config import DEFAULT_TARGET_MODULES
 
 SWEEP = Path(__file__).parent / "results" / "sweep"
 DEFAULTS = {"num_langevin_steps": 4, "gamma_eps": 0.5, "gamma_z": 0.03, "generator_lr": 3e-4, "fake_lr": 3e-4,

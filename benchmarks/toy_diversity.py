@@ -18,8 +18,8 @@ from pathlib import Path
 
 from toy_quality import TEACHER_GUIDANCE
 
-from emd_t2i.evaluate import one_step_images
-from emd_t2i.teachers import TOY_TEACHER_DIR
+from emd_t2i.evaluation.toy import one_step_images
+from emd_t2i.models.teachers import TOY_TEACHER_DIR
 from emd_t2i.toy import metrics
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     args = parser.parse_args()
     prompts = metrics.diversity_prompts(args.prompts, args.seed)
-    pipe = metrics.load_teacher(TOY_TEACHER_DIR)
+    pipe = metrics.load_pipeline(TOY_TEACHER_DIR)
 
     def teacher(guidance):
         return lambda prompts_, seed: metrics.sample_teacher(pipe, prompts_, args.teacher_steps, guidance, seed)

@@ -17,12 +17,12 @@ import json
 import time
 from pathlib import Path
 
-from emd_t2i.config import EVAL_PROMPTS, build_config
-from emd_t2i.evaluate import one_step_images, toy_report
-from emd_t2i.export import export_run, one_step_scheduler
-from emd_t2i.teachers import TOY_TEACHER_DIR
+from emd_t2i.evaluation.toy import one_step_images, toy_report
+from emd_t2i.export.writer import export_run, one_step_scheduler
+from emd_t2i.models.teachers import TOY_TEACHER_DIR
 from emd_t2i.toy import metrics
-from emd_t2i.train import distill
+from emd_t2i.training.config import EVAL_PROMPTS, build_config
+from emd_t2i.training.loop import distill
 
 # The teacher rows are the reference of issue 5's bar: sampled with guidance 3 in every table so far, whatever
 # guidance the students distill with (for them a distillation knob; `--guidance` gives teacher rows at another w).
@@ -31,7 +31,7 @@ DMD = {"num_langevin_steps": 1, "gamma_eps": 2.0, "gamma_z": 0.0, "noise_cancell
 
 
 def teacher_source(steps: int, guidance: float, t_star: int):
-    pipe = metrics.load_teacher(TOY_TEACHER_DIR)
+    pipe = metrics.load_pipeline(TOY_TEACHER_DIR)
     if steps == 1:  # the teacher's own one-step x0-prediction at t* (G1 with the teacher's weights: the student's start)
         pipe.scheduler = one_step_scheduler(dict(pipe.scheduler.config), t_star, "epsilon")
     return lambda prompts, seed: metrics.sample_teacher(pipe, prompts, steps, guidance, seed)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from toy_quality import parse_sets  # benchmarks/ is on sys.path when this script runs
 
-from emd_t2i.config import build_config
-from emd_t2i.train import distill
+from emd_t2i.training.config import build_config
+from emd_t2i.training.loop import distill
 
 
 def main() -> None:

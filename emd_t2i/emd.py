@@ -15,14 +15,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .schedule import alpha_sigma, x0_from_eps
+from emd_t2i.choices import WEIGHTINGS, Z_STEPS
+from emd_t2i.schedule import alpha_sigma, x0_from_eps
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> eps
 GeneratorFn = Callable[[Tensor], Tensor]  # z -> x0
-Weighting = Literal["dmd", "dmd-t", "none"]
-WEIGHTINGS: tuple[str, ...] = ("dmd", "dmd-t", "none")
-ZStep = Literal["constant", "snr", "jacobian"]
-Z_STEPS: tuple[str, ...] = ("constant", "snr", "jacobian")
+Weighting = Literal["dmd", "dmd-t", "none"]  # choices.WEIGHTINGS
+ZStep = Literal["constant", "snr", "jacobian"]  # choices.Z_STEPS
 
 
 # ---------------------------------------------------------------- the roles' parameterisations
@@ -106,7 +105,7 @@ def injected_noise_step(nu: Tensor, gamma_eps: float, noise: Tensor) -> Tensor:
     return (1 - 0.5 * gamma_eps) * nu + math.sqrt(gamma_eps) * noise
 
 
-def initial_noise(eps0: Tensor, cancel_initial: bool) -> Tensor:
+def injected_noise_start(eps0: Tensor, cancel_initial: bool) -> Tensor:
     """(NC0) nu_0: 0 as in (NC1), or eps_0 to also cancel what is left of the initial draw.
 
     (L1) carries eps_0 into eps_K as (1 - gamma_eps/2)^K eps_0 (0.32 eps_0 at K = 4, gamma_eps = 0.5). Like the
@@ -207,7 +206,7 @@ def e_step(
     t = draws.t
     alpha_t, sigma_t = alpha_sigma(alphas_cumprod, t, like=draws.eps0)
     z, eps = draws.z0, draws.eps0
-    nu = initial_noise(eps, s.noise_cancellation and s.cancel_initial_noise)
+    nu = injected_noise_start(eps, s.noise_cancellation and s.cancel_initial_noise)
     gamma_z = z_step_size(s.gamma_z, alpha_t, sigma_t, s.z_step, jacobian_norm)
     x0 = first_x0 = x0_initial
     for k in range(s.num_steps):

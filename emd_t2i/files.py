@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from .errors import UserError
+from emd_t2i.errors import UserError
 
 CHUNK = 1 << 16
 # What a writer raises when the disk is full or the folder cannot be written: the OS's own error, and the same error

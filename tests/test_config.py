@@ -2,8 +2,8 @@
 
 import pytest
 
-from emd_t2i.config import PRESETS, DistillConfig, build_config, resolve_mixed_precision
 from emd_t2i.errors import UserError
+from emd_t2i.training.config import PRESETS, DistillConfig, build_config, resolve_mixed_precision
 
 
 def test_toy_preset_applies_under_the_user_flags():
@@ -77,12 +77,13 @@ def test_config_json_without_the_new_fields_still_loads(tmp_path):
     assert cfg.lr_warmup == 0 and cfg.profile is False and cfg == build_config(teacher="toy")
 
 
-def test_z_step_reaches_the_e_step_and_bad_values_are_refused():
-    from emd_t2i.config import Z_STEPS as CONFIG_Z_STEPS
-    from emd_t2i.emd import Z_STEPS
-    from emd_t2i.train import emd_settings
+def test_z_step_and_weighting_reach_the_e_step_and_bad_values_are_refused():
+    from emd_t2i.choices import WEIGHTINGS, Z_STEPS
+    from emd_t2i.training.run import emd_settings
 
-    assert CONFIG_Z_STEPS == Z_STEPS
-    assert emd_settings(build_config(teacher="toy", z_step="snr")).z_step == "snr"
+    for z_step in Z_STEPS:
+        assert emd_settings(build_config(teacher="toy", z_step=z_step)).z_step == z_step
+    for weighting in WEIGHTINGS:
+        assert emd_settings(build_config(teacher="toy", weighting=weighting)).weighting == weighting
     with pytest.raises(UserError, match="--z-step must be one of constant, snr"):
         build_config(teacher="toy", z_step="linear")

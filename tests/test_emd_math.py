@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emd_t2i import emd, oracle
+from emd_t2i import emd
 from emd_t2i.schedule import (
     alpha_sigma,
     eps_from_v,
@@ -17,6 +17,7 @@ from emd_t2i.schedule import (
     sd_alphas_cumprod,
     x0_from_eps,
 )
+from tools import oracle
 
 D64 = torch.float64
 ACP = sd_alphas_cumprod()

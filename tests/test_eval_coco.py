@@ -19,16 +19,18 @@ from PIL import Image
 from test_export import make_run
 from typer.testing import CliRunner
 
-from emd_t2i import evaluate as evaluate_module
-from emd_t2i import fid
 from emd_t2i.cli import app
-from emd_t2i.clipscore import CLIP_PREFIX, ClipScorer, check_clip_weights
-from emd_t2i.coco import COCO_30K, EMD_30K, list_name, load_caption_list, prepare_captions
 from emd_t2i.errors import UserError
-from emd_t2i.eval_images import generate_missing, image_path, open_source
-from emd_t2i.evaluate import Extractors, evaluate_coco
-from emd_t2i.export import FACTS_FILE, export_run
-from emd_t2i.sample import sample
+from emd_t2i.evaluation import coco as evaluate_module
+from emd_t2i.evaluation import fid
+from emd_t2i.evaluation import toy as toy_evaluation
+from emd_t2i.evaluation.captions import COCO_30K, EMD_30K, list_name, load_caption_list, prepare_captions
+from emd_t2i.evaluation.clip import CLIP_PREFIX, ClipScorer, check_clip_weights
+from emd_t2i.evaluation.coco import Extractors, evaluate_coco
+from emd_t2i.evaluation.generate import generate_missing, image_path, open_source
+from emd_t2i.export.layout import FACTS_FILE
+from emd_t2i.export.sample import sample
+from emd_t2i.export.writer import export_run
 
 SEED = 10
 FEATURES = 4
@@ -398,7 +400,7 @@ def test_the_command_line(run, reference_dir, tmp_path, monkeypatch):
     toy = shutil.copytree(run / "export", tmp_path / "toy" / "export")
     facts = json.loads((toy / FACTS_FILE).read_text())
     (toy / FACTS_FILE).write_text(json.dumps({**facts, "teacher": "toy"}))
-    monkeypatch.setattr(evaluate_module, "toy_report", lambda generate, n, teacher: {"prompts": n,
+    monkeypatch.setattr(toy_evaluation, "toy_report", lambda generate, n, teacher: {"prompts": n,
                                                                                     "teacher": callable(teacher)})
     result = runner.invoke(app, ["eval", "--model", str(toy), "--n", "12"])
     assert result.exit_code == 0, result.output

@@ -11,11 +11,11 @@ from test_eval_coco import StandInInception, annotation_file, reference_dir, tin
 from test_export import make_run
 from typer.testing import CliRunner
 
-from emd_t2i import fid
 from emd_t2i.cli import app
 from emd_t2i.errors import UserError
-from emd_t2i.evaluate import Extractors, evaluate_coco
-from emd_t2i.export import export_run
+from emd_t2i.evaluation import fid
+from emd_t2i.evaluation.coco import Extractors, evaluate_coco
+from emd_t2i.export.writer import export_run
 
 
 @pytest.fixture(autouse=True)

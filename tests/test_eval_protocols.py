@@ -16,14 +16,15 @@ from test_eval_coco import StandInInception, cache, run, tiny_clip  # noqa: F401
 from test_export import make_run
 from typer.testing import CliRunner
 
-from emd_t2i import coco, fid
 from emd_t2i.cli import app
-from emd_t2i.coco import COCO_30K, load_caption_list
 from emd_t2i.errors import UserError
-from emd_t2i.eval_images import generate_missing, image_path, open_source
-from emd_t2i.evaluate import Extractors, evaluate_coco
-from emd_t2i.export import export_run
-from emd_t2i.protocols import PROTOCOLS, resolve_precision, resolve_protocol, resolve_rounding
+from emd_t2i.evaluation import captions as coco
+from emd_t2i.evaluation import fid
+from emd_t2i.evaluation.captions import COCO_30K, load_caption_list
+from emd_t2i.evaluation.coco import Extractors, evaluate_coco
+from emd_t2i.evaluation.generate import generate_missing, image_path, open_source
+from emd_t2i.evaluation.protocols import PROTOCOLS, resolve_precision, resolve_protocol, resolve_rounding
+from emd_t2i.export.writer import export_run
 
 # ---------------------------------------------------------------------------------------------------------
 # The published caption list

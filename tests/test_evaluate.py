@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from emd_t2i.evaluate import toy_report
+from emd_t2i.evaluation.toy import toy_report
 from emd_t2i.toy import metrics, modes
 
 

@@ -16,24 +16,22 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny import randomize_lora
 
-from emd_t2i.checkpoint import GENERATOR_EMA, save_checkpoint
-from emd_t2i.config import DEFAULT_TARGET_MODULES, DistillConfig
 from emd_t2i.errors import UserError
-from emd_t2i.export import (
-    EXAMPLE_PROMPT,
-    FACTS_FILE,
-    FACTS_PREFIX,
-    KOHYA_FILE,
-    LORA_FILE,
-    PIPELINE_DIR,
-    SCHEDULER_DIR,
-    export_run,
-    loading_snippets,
+from emd_t2i.export.card import EXAMPLE_PROMPT, client_table, loading_snippets
+from emd_t2i.export.layout import FACTS_FILE, FACTS_PREFIX, KOHYA_FILE, LORA_FILE, PIPELINE_DIR, SCHEDULER_DIR
+from emd_t2i.export.sample import initial_noise, sample
+from emd_t2i.export.writer import export_run
+from emd_t2i.models.roles import (
+    FAKE_SCORE,
+    GENERATOR,
+    Roles,
+    adapter_state_dict,
+    add_roles,
+    load_adapter_state_dict,
 )
-from emd_t2i.model_card import client_table
-from emd_t2i.roles import FAKE_SCORE, GENERATOR, Roles, adapter_state_dict, add_roles, load_adapter_state_dict
-from emd_t2i.sample import initial_noise, sample
-from emd_t2i.teachers import load_teacher
+from emd_t2i.models.teachers import load_teacher
+from emd_t2i.training.checkpoint import GENERATOR_EMA, save_checkpoint
+from emd_t2i.training.config import DEFAULT_TARGET_MODULES, DistillConfig
 
 RANK = 4
 GUIDANCE = 2.0

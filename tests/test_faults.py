@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 from test_train import tiny_config
 from typer.testing import CliRunner
 
-from emd_t2i import checkpoint as ckpt
 from emd_t2i.cli import app
 from emd_t2i.errors import UserError
-from emd_t2i.train import distill
+from emd_t2i.training import checkpoint as ckpt
+from emd_t2i.training.loop import distill
 
 FLAGS = ["--iterations", "10", "--batch-size", "2", "--num-langevin-steps", "2", "--gamma-z", "0.1",
          "--generator-rank", "4", "--fake-rank", "4", "--fake-updates", "2", "--validate-every", "0",
@@ -198,7 +198,7 @@ def test_a_full_disk_leaves_the_previous_checkpoint_and_ends_in_one_line(tiny_te
 
 
 def test_a_full_disk_during_export_keeps_the_previous_export(tiny_teacher_dir, prompt_file, tmp_path, monkeypatch):
-    from emd_t2i import export
+    from emd_t2i.export import writer as export
 
     out = tmp_path / "run"
     assert CliRunner().invoke(app, distill_args(tiny_teacher_dir, prompt_file, out)).exit_code == 0
@@ -234,7 +234,7 @@ def test_a_second_process_on_the_same_run_folder_is_refused(tiny_teacher_dir, pr
 
 
 def test_the_run_folder_stays_locked_through_the_export(tiny_teacher_dir, prompt_file, tmp_path, monkeypatch):
-    from emd_t2i import export
+    from emd_t2i.export import writer as export
 
     real, seen = export.export_run, []
 

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 from test_export import make_run
 
-from emd_t2i.checkpoint import save_checkpoint
-from emd_t2i.embedding_store import encode_store
-from emd_t2i.embeddings import load_text_encoder
-from emd_t2i.export import export_run
+from emd_t2i.data.store import encode_store
+from emd_t2i.export.writer import export_run
 from emd_t2i.files import current_umask, follow_umask, new_file_mode
+from emd_t2i.models.teachers import load_text_encoder
+from emd_t2i.training.checkpoint import save_checkpoint
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ from PIL import Image
 from test_train import tiny_config
 from tiny import randomize_lora
 
-from emd_t2i import grids
 from emd_t2i.images import grid_layout, labelled_grid
-from emd_t2i.roles import Roles, add_roles
-from emd_t2i.teachers import load_teacher
-from emd_t2i.train import distill
+from emd_t2i.models.roles import Roles, add_roles
+from emd_t2i.models.teachers import load_teacher
+from emd_t2i.training import grids
+from emd_t2i.training.loop import distill
 
 
 def _white(box, grid) -> bool:

@@ -12,18 +12,18 @@ from safetensors.torch import load_file
 from test_train import tiny_config
 from typer.testing import CliRunner
 
-from emd_t2i import checkpoint as ckpt
-from emd_t2i import iteration
 from emd_t2i.cli import app
-from emd_t2i.interrupt import Interrupted
-from emd_t2i.train import distill
+from emd_t2i.training import checkpoint as ckpt
+from emd_t2i.training import run as run_module
+from emd_t2i.training.interrupt import Interrupted
+from emd_t2i.training.loop import distill
 
 KEPT = {"ema_decay": 0.9, "lr_schedule": "cosine", "checkpoint_every": 100, "validate_every": 0, "fake_updates": 2}
 
 
 def signal_on_call(monkeypatch, name: str, call: int, signum: int) -> None:
-    """Deliver `signum` to this process from inside the `call`-th call of iteration.<name>."""
-    real, calls = getattr(iteration, name), {"n": 0}
+    """Deliver `signum` to this process from inside the `call`-th call of run_module.<name>."""
+    real, calls = getattr(run_module, name), {"n": 0}
 
     def wrapped(*args, **kwargs):
         calls["n"] += 1
@@ -31,7 +31,7 @@ def signal_on_call(monkeypatch, name: str, call: int, signum: int) -> None:
             os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(iteration, name, wrapped)
+    monkeypatch.setattr(run_module, name, wrapped)
 
 
 def assert_same_final_state(a_dir, b_dir):
@@ -87,7 +87,7 @@ def test_sigterm_inside_the_fake_score_updates_through_the_cli(
 
 
 def test_fp16_overflow_skips_the_step_backs_off_and_goes_on(tiny_teacher_dir, prompt_file, tmp_path, monkeypatch):
-    real_step, real_optimizer_step, calls, moved = iteration.generator_step, iteration.optimizer_step, {"n": 0}, []
+    real_step, real_optimizer_step, calls, moved = run_module.generator_step, run_module.optimizer_step, {"n": 0}, []
 
     def overflow_on_second(*args, **kwargs):
         step = real_step(*args, **kwargs)
@@ -101,8 +101,8 @@ def test_fp16_overflow_skips_the_step_backs_off_and_goes_on(tiny_teacher_dir, pr
         moved.append(any(not torch.equal(b, p) for b, p in zip(before, params)))
         return norm
 
-    monkeypatch.setattr(iteration, "generator_step", overflow_on_second)
-    monkeypatch.setattr(iteration, "optimizer_step", watch)
+    monkeypatch.setattr(run_module, "generator_step", overflow_on_second)
+    monkeypatch.setattr(run_module, "optimizer_step", watch)
     run = distill(tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "run", mixed_precision="fp16",
                               fake_updates=1, validate_every=0))
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -115,13 +115,13 @@ def test_fp16_overflow_skips_the_step_backs_off_and_goes_on(tiny_teacher_dir, pr
 
 def test_the_log_shows_both_loss_scales_and_the_mean_fake_gradient_norm(tiny_teacher_dir, prompt_file, tmp_path,
                                                                         monkeypatch):
-    real, norms = iteration.optimizer_step, []
+    real, norms = run_module.optimizer_step, []
 
     def record(*args):
         norms.append(real(*args))
         return norms[-1]
 
-    monkeypatch.setattr(iteration, "optimizer_step", record)
+    monkeypatch.setattr(run_module, "optimizer_step", record)
     run = distill(tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "run", iterations=1, mixed_precision="fp16",
                               fake_updates=3, validate_every=0))
     (log,) = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]

@@ -22,9 +22,9 @@ from diffusers import UNet2DConditionModel
 from peft.utils import get_peft_model_state_dict
 from tiny import tiny_sdxl_unet, tiny_unet
 
-from emd_t2i import kohya
-from emd_t2i.presets import IO_TARGET_MODULES
-from emd_t2i.roles import lora_config
+from emd_t2i.export import kohya
+from emd_t2i.models.roles import lora_config
+from emd_t2i.training.presets import IO_TARGET_MODULES
 
 
 def sd15_shaped_unet(cross_attention_dim: int = 32) -> UNet2DConditionModel:

@@ -5,13 +5,13 @@ import pytest
 import torch
 from test_train import tiny_config
 
-from emd_t2i import iteration
-from emd_t2i.config import DEFAULT_TARGET_MODULES
 from emd_t2i.emd import Draws, EMDSettings, fake_score_step, generator_step
-from emd_t2i.roles import FAKE_SCORE, GENERATOR, Roles, adapter_parameters, add_roles
+from emd_t2i.models.roles import FAKE_SCORE, GENERATOR, Roles, adapter_parameters, add_roles
+from emd_t2i.models.teachers import load_teacher
 from emd_t2i.schedule import alpha_sigma
-from emd_t2i.teachers import load_teacher
-from emd_t2i.train import distill
+from emd_t2i.training import run as run_module
+from emd_t2i.training.config import DEFAULT_TARGET_MODULES
+from emd_t2i.training.loop import distill
 
 
 def relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -80,15 +80,15 @@ def test_roles_take_over_checkpointing_enabled_the_diffusers_way(tiny_teacher_di
 
 def run_grads(monkeypatch, cfg) -> list[list[torch.Tensor]]:
     """Every gradient the loop steps with (generator, then each fake-score update, per iteration)."""
-    real, seen = iteration.optimizer_step, []
+    real, seen = run_module.optimizer_step, []
 
     def spy(optimizer, scaler, params, max_norm, world):
         seen.append([p.grad.detach().clone() for p in params])
         return real(optimizer, scaler, params, max_norm, world)
 
-    monkeypatch.setattr(iteration, "optimizer_step", spy)
+    monkeypatch.setattr(run_module, "optimizer_step", spy)
     distill(cfg)
-    monkeypatch.setattr(iteration, "optimizer_step", real)
+    monkeypatch.setattr(run_module, "optimizer_step", real)
     return seen
 
 

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from emd_t2i import checkpoint as ckpt
 from emd_t2i.cli import app
+from emd_t2i.training import checkpoint as ckpt
 
 FLAGS = ["--iterations", "2", "--num-langevin-steps", "2", "--gamma-z", "0.1", "--generator-rank", "4",
          "--fake-rank", "4", "--fake-updates", "2", "--validate-every", "0", "--log-every", "1", "--device", "cpu",
@@ -138,8 +138,8 @@ def test_an_error_found_on_the_main_process_ends_every_process_in_one_line(tiny_
 def test_sharded_launch_configs_are_refused_in_one_line(kind):
     from accelerate.utils import DistributedType
 
-    from emd_t2i.distributed import refuse_sharding
     from emd_t2i.errors import UserError
+    from emd_t2i.training.distributed import refuse_sharding
 
     with pytest.raises(UserError, match=f"asks for {kind}.*plain multi-GPU config"):
         refuse_sharding(DistributedType[kind])
@@ -147,8 +147,8 @@ def test_sharded_launch_configs_are_refused_in_one_line(kind):
 
 
 def test_device_cuda_n_is_refused_under_a_launcher(monkeypatch):
-    from emd_t2i.distributed import select_gpu
     from emd_t2i.errors import UserError
+    from emd_t2i.training.distributed import select_gpu
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="each process takes its own GPU"):

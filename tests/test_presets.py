@@ -7,9 +7,9 @@ import pytest
 from typer.testing import CliRunner
 
 from emd_t2i.cli import app
-from emd_t2i.config import PRESETS, DistillConfig, build_config
-from emd_t2i.presets import architecture_preset, preset_name
-from emd_t2i.teachers import TEACHERS, TOY_TEACHER_DIR, alphas_cumprod_from_config
+from emd_t2i.models.teachers import TEACHERS, TOY_TEACHER_DIR, alphas_cumprod_from_config
+from emd_t2i.training.config import PRESETS, DistillConfig, build_config
+from emd_t2i.training.presets import architecture_preset, preset_name
 
 SD_WIDTHS = [320, 640, 1280, 1280]
 

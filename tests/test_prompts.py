@@ -11,9 +11,11 @@ import pytest
 import torch
 from tiny import tiny_text_encoder
 
+from emd_t2i.data.cache import EmbeddingCache
+from emd_t2i.data.prompts import GENERAL_PROMPTS, load_prompts, truncate_report
 from emd_t2i.errors import UserError
-from emd_t2i.prompts import GENERAL_PROMPTS, EmbeddingCache, encode_prompts, load_prompts, truncate_report
-from emd_t2i.tokenizer import clip_tokenizer
+from emd_t2i.models.text import encode_prompts
+from tools.tokenizer import clip_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +235,7 @@ def test_cache_keeps_encoder_dtype_on_cpu(tokenizer, text_encoder):
 
 
 def test_a_bundled_list_loads_by_name():
-    from emd_t2i.prompts import load_prompts
+    from emd_t2i.data.prompts import load_prompts
 
     prompts = load_prompts("general")
     assert len(prompts) >= 300 and len(set(prompts)) == len(prompts)

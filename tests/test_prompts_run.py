@@ -7,9 +7,10 @@ import pytest
 from test_train import tiny_config
 from typer.testing import CliRunner
 
-from emd_t2i import iteration
 from emd_t2i.cli import app
-from emd_t2i.train import distill
+from emd_t2i.training import batch as batches
+from emd_t2i.training.loop import distill
+from emd_t2i.training.run import FakeStats, GeneratorStats, Run
 
 WALK = {"iterations": 157, "batch_size": 128, "num_langevin_steps": 1, "gamma_eps": 2.0, "gamma_z": 0.0,
         "fake_updates": 1, "generator_rank": 1, "fake_rank": 1, "validate_every": 0, "log_every": 50,
@@ -29,15 +30,15 @@ def test_rss_stays_flat_while_a_run_walks_20000_prompts(tiny_teacher_dir, tmp_pa
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"text": f"prompt number {i}, a {i % 7} and a {i % 13}"}) + "\n"
                                for i in range(20_000)))
-    real, rss = iteration.make_batch, {}
+    real, rss = batches.make_batch, {}
 
     def watched(cfg, settings, prompts, cache, latent_shape, step, *args):
         rss[step] = rss_mib()
         return real(cfg, settings, prompts, cache, latent_shape, step, *args)
 
-    monkeypatch.setattr("emd_t2i.train.make_batch", watched)
-    monkeypatch.setattr("emd_t2i.train.generator_update", lambda *a: a[-1].update(grad_norm_generator=0.0))
-    monkeypatch.setattr("emd_t2i.train.fake_score_updates", lambda *a: a[-1].update(grad_norm_fake=0.0))
+    monkeypatch.setattr("emd_t2i.training.loop.make_batch", watched)
+    monkeypatch.setattr(Run, "generator_update", lambda run, batch: (GeneratorStats(0.0, 0.0, 0.0, 0.0), []))
+    monkeypatch.setattr(Run, "fake_score_updates", lambda run, batch, x0: FakeStats(0.0, 0.0))
     distill(tiny_config(tiny_teacher_dir, prompts, tmp_path / "run", **WALK))
     assert len(rss) == 157  # 157 x 128 = 20,096 prompts: every one seen once
     growth = max(rss[s] for s in range(40, 157)) - rss[40]

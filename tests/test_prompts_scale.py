@@ -17,12 +17,15 @@ import torch
 from tiny import make_tiny_pipeline
 from typer.testing import CliRunner
 
-from emd_t2i import prompt_files
 from emd_t2i.cli import app
-from emd_t2i.embedding_store import EmbeddingStore, encode_store
-from emd_t2i.embeddings import EmbeddingCache, encode_prompts, load_text_encoder, open_embeddings
+from emd_t2i.data import readers as prompt_files
+from emd_t2i.data.cache import EmbeddingCache
+from emd_t2i.data.embeddings import open_embeddings
+from emd_t2i.data.prompts import distinct_spread, load_prompts, open_prompts, truncate_report
+from emd_t2i.data.store import EmbeddingStore, encode_store
 from emd_t2i.errors import UserError
-from emd_t2i.prompts import distinct_spread, load_prompts, open_prompts, truncate_report
+from emd_t2i.models.teachers import load_text_encoder
+from emd_t2i.models.text import encode_prompts
 
 N = 20_000
 ADJECTIVES = ("red", "blue", "green", "old", "young", "tiny", "huge", "calm", "wild", "bright", "dark", "shiny",
@@ -404,9 +407,3 @@ def test_bad_encode_flags_are_one_line(tmp_path):
     result = CliRunner().invoke(app, ["prompts", "encode", "--teacher", "toy", "--prompts", str(tmp_path / "no.txt"),
                                       "--output", str(tmp_path / "s"), "--dtype", "float16"])
     assert result.exit_code == 2 and "no.txt does not exist" in result.output
-
-
-def test_the_cache_is_still_importable_from_prompts():
-    from emd_t2i.prompts import EmbeddingCache as Old
-
-    assert Old is EmbeddingCache

@@ -2,10 +2,10 @@
 
 import torch
 
-from emd_t2i.config import DEFAULT_TARGET_MODULES
 from emd_t2i.emd import Draws, EMDSettings, e_step, fake_score_step, generator_step
-from emd_t2i.roles import FAKE_SCORE, GENERATOR, Roles, adapter_parameters, add_roles
-from emd_t2i.teachers import load_teacher
+from emd_t2i.models.roles import FAKE_SCORE, GENERATOR, Roles, adapter_parameters, add_roles
+from emd_t2i.models.teachers import load_teacher
+from emd_t2i.training.config import DEFAULT_TARGET_MODULES
 
 
 def _roles(path, guidance_scale=3.0, rank=4):

@@ -13,8 +13,9 @@ from PIL import Image
 from test_export import GUIDANCE, make_run
 
 from emd_t2i.errors import UserError
-from emd_t2i.export import FACTS_FILE, PIPELINE_DIR, export_run
-from emd_t2i.sample import resolve_model, sample, save_samples
+from emd_t2i.export.layout import FACTS_FILE, PIPELINE_DIR
+from emd_t2i.export.sample import resolve_model, sample, save_samples
+from emd_t2i.export.writer import export_run
 
 
 @pytest.fixture(scope="module")

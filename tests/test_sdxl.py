@@ -15,17 +15,19 @@ from test_export import LATENT_ATOL, PIXEL_ATOL, RANK
 from tiny import TINY_SDXL_POOLED, randomize_lora
 from typer.testing import CliRunner
 
-from emd_t2i import checkpoint as ckpt
 from emd_t2i.cli import app
-from emd_t2i.conditioning import add_time_ids
-from emd_t2i.config import DEFAULT_TARGET_MODULES
-from emd_t2i.embeddings import EmbeddingCache, load_text_encoder, open_embeddings
+from emd_t2i.data.cache import EmbeddingCache
+from emd_t2i.data.embeddings import open_embeddings
 from emd_t2i.emd import EMDSettings, draw, generator_step
 from emd_t2i.errors import UserError
-from emd_t2i.export import FACTS_FILE, KOHYA_FILE, LORA_FILE, PIPELINE_DIR, SCHEDULER_DIR, loading_snippets
-from emd_t2i.roles import FAKE_SCORE, GENERATOR, Roles, adapter_parameters, add_roles
-from emd_t2i.sample import sample
-from emd_t2i.teachers import TEACHERS, load_teacher, teacher_table
+from emd_t2i.export.card import loading_snippets
+from emd_t2i.export.layout import FACTS_FILE, KOHYA_FILE, LORA_FILE, PIPELINE_DIR, SCHEDULER_DIR
+from emd_t2i.export.sample import sample
+from emd_t2i.models.conditioning import add_time_ids
+from emd_t2i.models.roles import FAKE_SCORE, GENERATOR, Roles, adapter_parameters, add_roles
+from emd_t2i.models.teachers import TEACHERS, load_teacher, load_text_encoder, teacher_table
+from emd_t2i.training import checkpoint as ckpt
+from emd_t2i.training.config import DEFAULT_TARGET_MODULES
 
 PROMPTS = ["a cat", "a dog on a beach"]
 

@@ -11,7 +11,7 @@ from test_prompts_scale import distinct_prompts
 from typer.testing import CliRunner
 
 from emd_t2i.cli import app
-from emd_t2i.embedding_store import EmbeddingStore
+from emd_t2i.data.store import EmbeddingStore
 from emd_t2i.errors import UserError
 
 

@@ -5,7 +5,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from emd_t2i.config import build_config
+from emd_t2i.training.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "benchmarks" / "results" / "sweep"

@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 
-from emd_t2i import teachers
 from emd_t2i.errors import UserError
+from emd_t2i.models import teachers
+from emd_t2i.models.teachers import TEACHERS, load_teacher, resolve_teacher, teacher_table
 from emd_t2i.schedule import sd_alphas_cumprod
-from emd_t2i.teachers import TEACHERS, load_teacher, resolve_teacher, teacher_table
 
 
 @pytest.fixture(scope="module")

@@ -102,7 +102,7 @@ def test_shipped_teacher_loads_offline_and_is_small():
 def test_recipe_resumes_and_exports_a_loadable_pipeline(tmp_path):
     import json
 
-    from emd_t2i.toy.train_teacher import TeacherRecipe, train_teacher
+    from tools.train_toy_teacher import TeacherRecipe, train_teacher
 
     recipe = TeacherRecipe(num_images=32, vae_steps=2, vae_batch_size=4, unet_steps=2, batch_size=4)
     out, ckpt = tmp_path / "teacher", tmp_path / "ckpt"
@@ -113,7 +113,7 @@ def test_recipe_resumes_and_exports_a_loadable_pipeline(tmp_path):
     )  # the same command, resumed
     assert json.loads((out / "toy_teacher.json").read_text())["step"] == 3
     assert not (tmp_path / "teacher.tmp").exists() and not (tmp_path / "teacher.old").exists()
-    pipe = metrics.load_teacher(out)
+    pipe = metrics.load_pipeline(out)
     assert (
         pipe.vae.config.scaling_factor
         == torch.load(ckpt / "latents.pt", weights_only=False)["scaling_factor"]
@@ -124,7 +124,7 @@ def test_recipe_resumes_and_exports_a_loadable_pipeline(tmp_path):
     tuned = tmp_path / "tuned"
     train_teacher(tuned, tmp_path / "ckpt2", TeacherRecipe(**{**recipe.__dict__, "unet_steps": 1,
                                                               "attribute_dropout": 0.5, "init_from": str(out)}))
-    meta, after = json.loads((tuned / "toy_teacher.json").read_text()), metrics.load_teacher(tuned)
+    meta, after = json.loads((tuned / "toy_teacher.json").read_text()), metrics.load_pipeline(tuned)
     assert meta["initialised_from"]["step"] == 3 and meta["recipe"]["attribute_dropout"] == 0.5
     assert after.vae.config.scaling_factor == pipe.vae.config.scaling_factor
     assert all(torch.equal(a, b) for a, b in zip(after.vae.state_dict().values(), pipe.vae.state_dict().values()))
@@ -137,7 +137,7 @@ def test_cli_trains_a_tiny_toy_teacher(tmp_path):
     from typer.testing import CliRunner
 
     from emd_t2i.cli import app
-    from emd_t2i.teachers import load_teacher
+    from emd_t2i.models.teachers import load_teacher
 
     out = tmp_path / "teacher"
     args = [
@@ -163,8 +163,8 @@ def test_cli_trains_a_tiny_toy_teacher(tmp_path):
 
 
 def test_teacher_batches_leave_each_attribute_out_at_the_recipe_rate():
-    from emd_t2i.tokenizer import clip_tokenizer
-    from emd_t2i.toy.train_teacher import NULL_PROMPT, TeacherRecipe, caption_table, draw_batch
+    from tools.tokenizer import clip_tokenizer
+    from tools.train_toy_teacher import NULL_PROMPT, TeacherRecipe, caption_table, draw_batch
 
     tokens, index = caption_table(clip_tokenizer())
     texts = list(dict.fromkeys(domain.all_captions() + domain.partial_captions())) + [NULL_PROMPT]

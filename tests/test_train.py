@@ -7,15 +7,14 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from emd_t2i import checkpoint as ckpt
 from emd_t2i.cli import app
-from emd_t2i.config import DistillConfig
-from emd_t2i.ema import ema_decay_at, update_ema
 from emd_t2i.errors import UserError
-from emd_t2i.export import diffusers_state_dict, export_run
-from emd_t2i.iteration import batch_prompts
-from emd_t2i.optim import lr_scale
-from emd_t2i.train import distill
+from emd_t2i.export.writer import diffusers_state_dict, export_run
+from emd_t2i.training import checkpoint as ckpt
+from emd_t2i.training.batch import batch_prompts
+from emd_t2i.training.config import DistillConfig
+from emd_t2i.training.loop import distill
+from emd_t2i.training.optim import ema_decay_at, lr_scale, update_ema
 
 PROMPTS = ["a cat", "a dog on a beach", "a red car at night", "an old castle", "a bowl of fruit"]
 
@@ -211,7 +210,7 @@ def test_bf16_gradient_checkpointing_and_accumulation_run_on_cpu(tiny_teacher_di
 
 
 def test_validation_prompts_spread_over_the_dataset():
-    from emd_t2i.prompts import distinct_spread
+    from emd_t2i.data.prompts import distinct_spread
 
     assert distinct_spread([str(i) for i in range(10)], 3) == ["0", "3", "6"]
     assert distinct_spread(["1", "2"], 5) == ["1", "2"]
@@ -252,18 +251,18 @@ def test_every_config_field_is_a_distill_flag():
     import dataclasses
     import inspect
 
-    from emd_t2i import cli
+    from emd_t2i.cli.distilling import distill as distill_command
 
-    flags = set(inspect.signature(cli.distill).parameters)
+    flags = set(inspect.signature(distill_command).parameters)
     missing = [f.name for f in dataclasses.fields(DistillConfig) if f.name not in flags]
     assert not missing, f"config fields without a --flag: {missing}"
 
 
 def test_training_leaves_the_teacher_untouched(tiny_teacher_dir, prompt_file, tmp_path, monkeypatch):
     """After real iterations, adapters off is still the original UNet: base weights and output, bit for bit."""
-    from emd_t2i import train
-    from emd_t2i.roles import GENERATOR
-    from emd_t2i.teachers import load_teacher
+    from emd_t2i.models.roles import GENERATOR
+    from emd_t2i.models.teachers import load_teacher
+    from emd_t2i.training import loop as train
 
     used = {}
 
@@ -309,7 +308,7 @@ def test_no_validation_prompts_means_no_grids(tiny_teacher_dir, prompt_file, tmp
 
 
 def test_the_export_names_the_precision_the_run_trained_in(tiny_teacher_dir, prompt_file, tmp_path):
-    from emd_t2i.model_card import FACTS_FILE
+    from emd_t2i.export.layout import FACTS_FILE
 
     run = distill(tiny_config(tiny_teacher_dir, prompt_file, tmp_path / "run", iterations=1, validate_every=0,
                               mixed_precision="auto"))

@@ -14,15 +14,15 @@ from test_export import LATENT_ATOL, PIXEL_ATOL, RANK
 from tiny import randomize_lora
 from typer.testing import CliRunner
 
-from emd_t2i import checkpoint as ckpt
 from emd_t2i.cli import app
-from emd_t2i.config import DEFAULT_TARGET_MODULES
 from emd_t2i.emd import EMDSettings, draw, generator_step
-from emd_t2i.export import FACTS_FILE, KOHYA_FILE, LORA_FILE, PIPELINE_DIR, SCHEDULER_DIR
-from emd_t2i.roles import GENERATOR, Roles, adapter_parameters, add_roles
-from emd_t2i.sample import sample
+from emd_t2i.export.layout import FACTS_FILE, KOHYA_FILE, LORA_FILE, PIPELINE_DIR, SCHEDULER_DIR
+from emd_t2i.export.sample import sample
+from emd_t2i.models.roles import GENERATOR, Roles, adapter_parameters, add_roles
+from emd_t2i.models.teachers import TEACHERS, load_teacher, teacher_table
 from emd_t2i.schedule import alpha_sigma
-from emd_t2i.teachers import TEACHERS, load_teacher, teacher_table
+from emd_t2i.training import checkpoint as ckpt
+from emd_t2i.training.config import DEFAULT_TARGET_MODULES
 
 PROMPT = "a red car at night"
 

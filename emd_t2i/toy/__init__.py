@@ -1,4 +1,5 @@
-"""The embedded toy teacher: a procedural captioned domain, its training recipe, its weights and its metrics."""
+"""The embedded toy teacher: a procedural captioned domain, its weights, and its metrics (its training recipe is
+tools/train_toy_teacher.py in a checkout)."""
 
 from pathlib import Path
 

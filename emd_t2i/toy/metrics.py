@@ -226,7 +226,7 @@ def evaluation_prompts(n: int, seed: int = 0) -> list[str]:
     return [domain.caption(*combos[i % len(combos)], phrasing[i]) for i in range(n)]
 
 
-def load_teacher(path: str | Path = TEACHER_DIR):
+def load_pipeline(path: str | Path = TEACHER_DIR):
     """The toy teacher as a plain diffusers StableDiffusionPipeline (float32, CPU, no progress bars)."""
     from diffusers import StableDiffusionPipeline
 
@@ -260,11 +260,11 @@ def evaluate_teacher(
     """Prompt accuracy, diversity and Frechet distance to real data of N-step guided teacher samples."""
     prompts = evaluation_prompts(n, seed)
     start = time.time()
-    images = sample_teacher(load_teacher(path), prompts, steps, guidance, seed)
+    images = sample_teacher(load_pipeline(path), prompts, steps, guidance, seed)
     seconds = time.time() - start
     real = torch.cat([real_images_for_prompt(p, 1, seed=seed + i) for i, p in enumerate(prompts)])
     fixed = prompts[0]
-    fixed_images = sample_teacher(load_teacher(path), [fixed] * 64, steps, guidance, seed + 1)
+    fixed_images = sample_teacher(load_pipeline(path), [fixed] * 64, steps, guidance, seed + 1)
     return {
         "n": n, "steps": steps, "guidance": guidance, "seconds": round(seconds, 1),
         "prompt_accuracy": prompt_accuracy(images, prompts),

@@ -1,6 +1,6 @@
 """Mode coverage of a student against its teacher (TV, modes recalled, entropy ratio) and geometric shape fidelity.
 
-Issue 17: where EMD must beat DMD is in covering the teacher's modes. For a fixed set of under-specified prompts,
+Where EMD should beat DMD is in covering the teacher's modes. For a fixed set of under-specified prompts,
 each sample is reduced to a categorical label (for the toy: the classifier's (shape, colour, background)), and the
 student's label distribution is compared with the teacher's 25-step samples at the same guidance. Everything here
 is a pure function of label arrays or images, so `emd-t2i eval` (or a benchmark) can call it on any sampler.
@@ -277,13 +277,13 @@ def reference(n: int = 240, guidance: float = 4.0, seed: int = 0, coverage_guida
     teacher, each against the 25-step teacher: what a student's numbers should be read against."""
     from emd_t2i.toy.metrics import (
         evaluation_prompts,
-        load_teacher,
+        load_pipeline,
         predict,
         real_images_for_prompt,
         sample_teacher,
     )
 
-    pipe = load_teacher() if teacher is None else load_teacher(teacher)
+    pipe = load_pipeline() if teacher is None else load_pipeline(teacher)
     prompts = evaluation_prompts(n, seed)
     wanted = torch.tensor([domain.parse_prompt(p)[0] for p in prompts])
     real = torch.cat([real_images_for_prompt(p, 1, seed=seed + i) for i, p in enumerate(prompts)])

@@ -1,0 +1,1 @@
+"""Prompts and their embeddings: lazy prompt sources, a bounded embedding cache, and an embedding store on disk."""
