@@ -95,3 +95,25 @@ def test_research_code_is_outside_the_runtime_package():
 def test_files_stay_readable():
     long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+def test_the_python_api_is_what_the_readme_shows_and_what_the_cli_calls(tiny_teacher_dir, prompt_file, tmp_path):
+    import re
+
+    import emd_t2i
+    from emd_t2i.export.sample import sample
+    from emd_t2i.training.loop import distill
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## From Python\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    compile(block, "README.md", "exec")
+    imported = re.search(r"from emd_t2i import (.*)", block).group(1).split(", ")
+    assert set(imported) <= set(emd_t2i.__all__)
+    assert emd_t2i.distill is distill and emd_t2i.sample is sample
+    # the README's calls, on a tiny teacher
+    cfg = emd_t2i.build_config(teacher=str(tiny_teacher_dir), prompts=str(prompt_file), output=str(tmp_path / "run"),
+                               iterations=1, batch_size=1, generator_rank=2, fake_rank=2, fake_updates=1,
+                               num_validation_prompts=0, device="cpu")
+    export = emd_t2i.export_run(emd_t2i.distill(cfg), overwrite=True)
+    images = emd_t2i.sample(["a cat"], export).images
+    assert len(images) == 1 and images[0].size == (16, 16)  # the tiny teacher: 8x8 latents, a 2x VAE
