@@ -11,14 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
-TARGETS="to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,conv_shortcut,time_emb_proj"
-TARGETS="$TARGETS,conv_in,conv_out,conv,linear_1,linear_2"
-# The toy preset (presets.TOY) with every value written out, on the full + partial captions; 2000 iterations.
-BASE="--prompts prompts/toy.txt --batch-size 32 --generator-lr 2e-3 --fake-lr 1e-3 --lr-schedule cosine
-  --generator-rank 64 --fake-rank 64 --fake-updates 5 --ema-decay 0.99 --guidance-scale 1.75 --t-star 800
-  --target-modules $TARGETS --mixed-precision no --noise-cancellation --cancel-initial-noise --weighting dmd
-  --z-step constant --gamma-eps 0.5 --log-every 10 --validate-every 500 --num-validation-prompts 8
-  --checkpoint-every 250 --keep-checkpoints 20"
+source benchmarks/toy_flags.sh
+BASE="$TOY_FLAGS --validate-every 500 --checkpoint-every 250 --keep-checkpoints 20"  # 2000 iterations by default
 declare -A POINTS=(
   # the baseline: DMD is the K = 1, gamma_eps = 2 case of the same code (ALGORITHM.md, the K = 1 reduction)
   [dmd]="--num-langevin-steps 1 --gamma-eps 2.0 --gamma-z 0.0"

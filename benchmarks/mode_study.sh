@@ -12,14 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
-TARGETS="to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,conv_shortcut,time_emb_proj"
-TARGETS="$TARGETS,conv_in,conv_out,conv,linear_1,linear_2"
-# The toy preset of 2026-11-29 (presets.TOY) with every value written out, on the full + partial captions.
-BASE="--prompts prompts/toy.txt --batch-size 32 --generator-lr 2e-3 --fake-lr 1e-3 --lr-schedule cosine
-  --generator-rank 64 --fake-rank 64 --fake-updates 5 --ema-decay 0.99 --guidance-scale 1.75 --t-star 800
-  --target-modules $TARGETS --mixed-precision no --noise-cancellation --cancel-initial-noise --weighting dmd
-  --z-step constant --gamma-eps 0.5 --log-every 10 --validate-every 100 --checkpoint-every 50
-  --num-validation-prompts 8"
+source benchmarks/toy_flags.sh
+BASE="$TOY_FLAGS --validate-every 100 --checkpoint-every 50"
 # Measured seconds per iteration (30 iterations, one thread, a teacher training on the other core):
 # DMD 1.43, EMD K = 2 (eps only) 1.51, EMD K = 8 snr 3.2, EMD K = 4 snr 2.2. Iterations ~ 900 s / that.
 declare -A POINTS=(

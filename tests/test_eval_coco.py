@@ -204,20 +204,21 @@ def test_clip_text_is_the_reference_token_splice():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _independent_fid(files, reference_dir, model) -> float:
-    """FID recomputed outside emd_t2i: the reference transform, clean-fid's resize, the stand-in, its distance."""
-    resize = build_resizer("clean")
+def independent_fid(files, reference_files, model, transform=None) -> float:
+    """FID recomputed outside emd_t2i: the protocol's transform (by default the 256 px crop, `reference_transform`),
+    clean-fid's resize, the stand-in network, the Frechet distance."""
+    resize, transform = build_resizer("clean"), transform or reference_transform
 
     def stats(paths):
         feats = []
         for p in paths:
             with Image.open(p) as image:
-                x = resize(np.asarray(reference_transform(image.convert("RGB"))))
+                x = resize(np.asarray(transform(image.convert("RGB"))))
             feats.append(model(torch.from_numpy(x).permute(2, 0, 1)[None].float()).numpy())
         feats = np.concatenate(feats)
         return feats.mean(0), np.cov(feats, rowvar=False)
 
-    return float(frechet_distance(*stats(files), *stats(sorted(reference_dir.glob("*.jpg")))))
+    return float(frechet_distance(*stats(files), *stats(reference_files)))
 
 
 def _independent_clip(files, captions, scorer) -> float:
@@ -253,7 +254,8 @@ def test_the_whole_path_resumes_and_writes_metrics(run, reference_dir, tmp_path,
     assert (out / "captions.txt").read_text().splitlines() == captions
 
     # the numbers, recomputed independently
-    assert metrics["fid"] == pytest.approx(_independent_fid(files, reference_dir, inception), abs=1e-3)
+    reference_files = sorted(reference_dir.glob("*.jpg"))
+    assert metrics["fid"] == pytest.approx(independent_fid(files, reference_files, inception), abs=1e-3)
     assert metrics["clip_score"] == pytest.approx(_independent_clip(files, captions, clip), abs=1e-4)
     assert metrics["fid"] > 0 and -1 <= metrics["clip_score"] <= 1
 

@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from cleanfid.fid import frechet_distance
-from cleanfid.resize import build_resizer
 from PIL import Image
-from test_eval_coco import StandInInception, cache, run, tiny_clip  # noqa: F401 - fixtures used by name
+from test_eval_coco import StandInInception, cache, independent_fid, run, tiny_clip  # noqa: F401 - fixtures used by name
 from test_export import make_run
 from typer.testing import CliRunner
 
@@ -121,21 +119,6 @@ def sdxl_reference_dir(tmp_path_factory):
     return folder
 
 
-def _independent_fid(files, reference_files, model, transform) -> float:
-    resize = build_resizer("clean")
-
-    def stats(paths):
-        feats = []
-        for p in paths:
-            with Image.open(p) as image:
-                x = resize(np.asarray(transform(image.convert("RGB"))))
-            feats.append(model(torch.from_numpy(x).permute(2, 0, 1)[None].float()).numpy())
-        feats = np.concatenate(feats)
-        return feats.mean(0), np.cov(feats, rowvar=False)
-
-    return float(frechet_distance(*stats(files), *stats(reference_files)))
-
-
 def test_an_sdxl_export_is_scored_by_dmd2s_sdxl_protocol(tmp_path, tiny_sdxl_teacher_dir, sdxl_reference_dir):
     """FID on the 512 px crop, patch FID on the centre 299 px (as DMD2's main/coco_eval/coco_evaluator.py cuts them,
     recomputed here with torchvision), fp32 and truncation, all recorded; resuming with other settings is refused."""
@@ -157,8 +140,8 @@ def test_an_sdxl_export_is_scored_by_dmd2s_sdxl_protocol(tmp_path, tiny_sdxl_tea
     reference = sorted(sdxl_reference_dir.glob("*.png"))
     crop512 = lambda im: TF.center_crop(im, min(im.size)).resize((512, 512), Image.LANCZOS)
     patch = lambda im: TF.center_crop(im, 299) if min(im.size) >= 299 else im
-    assert metrics["fid"] == pytest.approx(_independent_fid(files, reference, inception, crop512), abs=1e-3)
-    assert metrics["patch_fid"] == pytest.approx(_independent_fid(files, reference, inception, patch), abs=1e-3)
+    assert metrics["fid"] == pytest.approx(independent_fid(files, reference, inception, crop512), abs=1e-3)
+    assert metrics["patch_fid"] == pytest.approx(independent_fid(files, reference, inception, patch), abs=1e-3)
     assert metrics["patch_fid"] != metrics["fid"]
 
     with pytest.raises(UserError, match="rounding 'truncate' -> 'round'"):
