@@ -105,7 +105,7 @@ def test_the_python_api_is_what_the_readme_shows_and_what_the_cli_calls(tiny_tea
     from emd_t2i.training.loop import distill
 
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"## From Python\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    block = re.search(r"## From Python\n.*?```python\n(.*?)```", readme, re.DOTALL).group(1)
     compile(block, "README.md", "exec")
     imported = re.search(r"from emd_t2i import (.*)", block).group(1).split(", ")
     assert set(imported) <= set(emd_t2i.__all__)

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from emd_t2i.cli import app
 from emd_t2i.models.teachers import TEACHERS, TOY_TEACHER_DIR, alphas_cumprod_from_config
 from emd_t2i.training.config import PRESETS, DistillConfig, build_config
-from emd_t2i.training.presets import architecture_preset, preset_name
+from emd_t2i.training.presets import TABLES, architecture_preset, preset_name
 
 SD_WIDTHS = [320, 640, 1280, 1280]
 
@@ -113,9 +113,14 @@ def test_dry_run_names_the_preset_and_the_precision_without_the_network(tmp_path
     args = ["distill", "--prompts", str(prompts), "--device", "cpu", "--dry-run"]
     result = CliRunner().invoke(app, [*args, "--teacher", "sd-1.5"])  # HF_HUB_OFFLINE=1 (conftest)
     assert result.exit_code == 0, result.output
-    *config, summary = result.output.strip().splitlines()
+    lines = result.output.strip().splitlines()
+    end = lines.index("}") + 1
+    config, summary, reasons = lines[:end], lines[end], lines[end + 1:]
     assert json.loads("\n".join(config)) == build_config(teacher="sd-1.5", prompts=str(prompts), device="cpu").to_dict()
     assert summary == "preset: sd-1.5; mixed precision: auto -> no on this machine (cpu)"
+    # every preset value the run keeps, with why and where it was measured (the table in training/presets.py)
+    assert len(reasons) == len(TABLES["sd-1.5"]) and reasons[0].startswith("  --t-star 800: ")
+    assert all(line.rstrip().endswith("]") for line in reasons)
 
     other = tmp_path / "other"
     other.mkdir()
@@ -123,7 +128,7 @@ def test_dry_run_names_the_preset_and_the_precision_without_the_network(tmp_path
     result = CliRunner().invoke(app, [*args, "--teacher", str(other), "--mixed-precision", "bf16"])
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1] == (
-        "no preset: plain defaults; mixed precision: bf16 -> bf16 on this machine (cpu)")
+        "no preset: plain defaults; mixed precision: bf16 -> bf16 on this machine (cpu)")  # no preset, no reasons
 
 
 def test_a_preset_warmup_longer_than_the_run_names_the_flag():

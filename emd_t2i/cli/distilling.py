@@ -12,7 +12,7 @@ import typer
 
 from emd_t2i.cli.common import fail, literal_help, user_errors
 from emd_t2i.training.config import PRESETS, DistillConfig, build_config, resolve_mixed_precision
-from emd_t2i.training.presets import preset_name
+from emd_t2i.training.presets import TABLES, preset_name
 
 DISTILL_EXAMPLE = "Example: emd-t2i distill --teacher sd-1.5 --prompts general --output runs/sd15"
 
@@ -125,7 +125,8 @@ def distill(
 
 
 def dry_run_summary(cfg: DistillConfig) -> str:
-    """One line: the preset the config stands on, and the precision it will train in on this machine."""
+    """The preset the config stands on and the precision it will train in on this machine; then, for each preset
+    value the run keeps, why it was chosen and where it was measured."""
     import torch  # only here: `emd-t2i --help` stays fast
 
     name = preset_name(cfg.teacher)
@@ -133,7 +134,12 @@ def dry_run_summary(cfg: DistillConfig) -> str:
     device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and cuda) else "cpu"
     precision = resolve_mixed_precision(cfg.mixed_precision, device_type, cuda and torch.cuda.is_bf16_supported())
     applied = f"preset: {name}" if name else "no preset: plain defaults"
-    return f"{applied}; mixed precision: {cfg.mixed_precision} -> {precision} on this machine ({device_type})"
+    lines = [f"{applied}; mixed precision: {cfg.mixed_precision} -> {precision} on this machine ({device_type})"]
+    for field, choice in TABLES.get(name, {}).items():
+        if getattr(cfg, field) == choice.value:
+            lines.append(f"  --{field.replace('_', '-')} {_shown(choice.value, _FIELDS[field].default)}: {choice.why} "
+                         f"[{choice.measured}]")
+    return "\n".join(lines)
 
 
 def check_inputs(cfg: DistillConfig) -> None:
