@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def main(paths: list[str]) -> None:
-    reports = [json.load(open(p)) for p in paths]
+    reports = [json.loads(Path(p).read_text()) for p in paths]
     first = reports[0]
     g = first["generator"]
     print(f"run {first['run']}, checkpoint {first['step']} (raw generator and fake score), guidance {first['guidance']}, "

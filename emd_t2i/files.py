@@ -181,6 +181,27 @@ def save_image_atomic(path: Path, image, **png_options) -> None:
         image.save(f, format="PNG", **png_options)
 
 
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, with the header made canonical: the same tensors and metadata give the same bytes.
+
+    safetensors keeps the metadata in a hash map, so its keys come out in a different order on every call and two
+    exports of one checkpoint would differ in sha256. The header is rewritten in place with the metadata keys
+    sorted; it keeps its length (the same JSON, reordered), so the tensor bytes and their offsets are untouched.
+    """
+    from safetensors.torch import save_file  # imports torch
+
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size), object_pairs_hook=OrderedDict)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) <= size:  # the padding to 8-byte alignment is spaces, as safetensors writes it
+            f.seek(8)
+            f.write(canonical.ljust(size, b" "))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # File modes: what the project writes is readable as the user's umask says, like any file `open` creates
 # ---------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from tiny import randomize_lora
 
 from emd_t2i.errors import UserError
+from emd_t2i.files import save_safetensors
 from emd_t2i.export.card import EXAMPLE_PROMPT, client_table, loading_snippets
 from emd_t2i.export.layout import FACTS_FILE, FACTS_PREFIX, KOHYA_FILE, LORA_FILE, PIPELINE_DIR, SCHEDULER_DIR
 from emd_t2i.export.sample import initial_noise, sample
@@ -309,3 +310,25 @@ def test_readme_shows_the_tested_snippets():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for snippet in loading_snippets("runs/sd15/export", "stable-diffusion-v1-5/stable-diffusion-v1-5").values():
         assert snippet.strip() in readme
+
+
+def test_safetensors_files_are_byte_reproducible(tmp_path):
+    """safetensors writes its metadata from a hash map (a new key order on every call); save_safetensors sorts it,
+    so the same tensors and metadata give the same bytes, and the file reads back unchanged."""
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(3, dtype=torch.float16)}
+    metadata = {f"key_{i:02d}": f"value {i} é" for i in range(40)}
+    for name in ("x", "y"):
+        save_safetensors(tensors, tmp_path / f"{name}.safetensors", metadata=metadata)
+    assert (tmp_path / "x.safetensors").read_bytes() == (tmp_path / "y.safetensors").read_bytes()
+    with safe_open(tmp_path / "x.safetensors", "pt") as f:
+        assert f.metadata() == metadata
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+
+
+def test_exporting_a_checkpoint_twice_gives_the_same_bytes(tiny_teacher_dir, tmp_path):
+    run = make_run(tmp_path, tiny_teacher_dir)
+    first, second = export_run(run, tmp_path / "one"), export_run(run, tmp_path / "two")
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file() and p.name != "README.md")
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file() and p.name != "README.md")
+    assert all((first / p).read_bytes() == (second / p).read_bytes() for p in files)

@@ -11,14 +11,14 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from emd_t2i import __version__
 from emd_t2i.errors import UserError
 from emd_t2i.export import kohya
 from emd_t2i.export.card import model_card, read_eval
 from emd_t2i.export.layout import FACTS_FILE, FACTS_PREFIX, KOHYA_FILE, LORA_FILE, PIPELINE_DIR, SCHEDULER_DIR
-from emd_t2i.files import WRITE_ERRORS, follow_umask, write_failure
+from emd_t2i.files import WRITE_ERRORS, follow_umask, save_safetensors, write_failure
 from emd_t2i.models.roles import GENERATOR, load_adapter_state_dict, lora_config
 from emd_t2i.models.teachers import load_teacher
 from emd_t2i.training.checkpoint import (
@@ -250,19 +250,19 @@ def export_run(
         scheduler.save_pretrained(tmp / SCHEDULER_DIR)
         if "lora" in formats:
             meta = lora_metadata(config, facts)
-            save_file(diffusers_state_dict(state), str(tmp / LORA_FILE), metadata=meta)
+            save_safetensors(diffusers_state_dict(state), tmp / LORA_FILE, metadata=meta)
         if "kohya" in formats:
             base = kohya.base_model(teacher.unet.config)
             weights = kohya.kohya_state_dict(state, config.lora_alpha, teacher.unet.config, base)
             kohya.check_round_trip(weights, state, pipeline_class, teacher.unet.config)
-            save_file(weights, str(tmp / KOHYA_FILE),
-                      metadata=kohya_file_metadata(config, facts, base, teacher.resolution))
+            save_safetensors(weights, tmp / KOHYA_FILE,
+                             metadata=kohya_file_metadata(config, facts, base, teacher.resolution))
         if "pipeline" in formats:
             _write_pipeline(tmp / PIPELINE_DIR, teacher, scheduler)
         (tmp / FACTS_FILE).write_text(json.dumps({**facts, "formats": list(formats)}, indent=2) + "\n")
         card = model_card(facts, formats, output, read_eval(run_dir), read_eval(run_dir, "metrics.json"))
         (tmp / "README.md").write_text(card)
-        follow_umask(tmp)  # safetensors' save_file (ours and diffusers' save_pretrained's) makes files 0600
+        follow_umask(tmp)  # safetensors' save_file (under ours and diffusers' save_pretrained) makes files 0600
         _publish(tmp, output, overwrite)
     except WRITE_ERRORS as err:  # a full disk, whichever writer met it; the half-written folder goes below
         raise write_failure(output, err) from err

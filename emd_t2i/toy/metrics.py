@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from scipy import linalg
 from torch import Tensor, nn
 
+from emd_t2i.files import save_safetensors
 from emd_t2i.toy import CLASSIFIER_PATH, TEACHER_DIR, domain
 
 ATTRIBUTES = ("shape", "colour", "background")
@@ -110,7 +111,7 @@ def train_classifier(
 
 
 def save_classifier(model: AttributeClassifier, path: str | Path = CLASSIFIER_PATH) -> None:
-    save_file(model.state_dict(), str(path), metadata={"model": "emd_t2i.toy.metrics.AttributeClassifier"})
+    save_safetensors(model.state_dict(), path, metadata={"model": "emd_t2i.toy.metrics.AttributeClassifier"})
 
 
 @lru_cache(maxsize=4)

@@ -26,10 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from emd_t2i.errors import UserError
-from emd_t2i.files import WRITE_ERRORS, file_sha256, follow_umask, unused_path, write_failure
+from emd_t2i.files import (
+    WRITE_ERRORS,
+    file_sha256,
+    follow_umask,
+    save_safetensors,
+    unused_path,
+    write_failure,
+)
 from emd_t2i.models.roles import FAKE_SCORE, GENERATOR
 
 GENERATOR_EMA = "generator_ema"
@@ -78,7 +85,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name, state in adapters.items():
-            save_file(state, str(tmp / f"{name}.safetensors"), metadata=metadata)
+            save_safetensors(state, tmp / f"{name}.safetensors", metadata=metadata)
         torch.save(training_state, tmp / "training_state.pt")
         follow_umask(tmp)  # safetensors' save_file makes its files 0600
         manifest = {p.name: _fingerprint(p) for p in sorted(tmp.iterdir())}
