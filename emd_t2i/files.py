@@ -182,15 +182,20 @@ def save_image_atomic(path: Path, image, **png_options) -> None:
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' `save_file`, with the header made canonical: the same tensors and metadata give the same bytes.
-
-    safetensors keeps the metadata in a hash map, so its keys come out in a different order on every call and two
-    exports of one checkpoint would differ in sha256. The header is rewritten in place with the metadata keys
-    sorted; it keeps its length (the same JSON, reordered), so the tensor bytes and their offsets are untouched.
-    """
+    """safetensors' `save_file`, then `sort_safetensors_metadata`: the same tensors and metadata give the same bytes."""
     from safetensors.torch import save_file  # imports torch
 
     save_file(tensors, str(path), metadata=metadata)
+    sort_safetensors_metadata(path)
+
+
+def sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite a .safetensors header in place with its metadata keys sorted.
+
+    safetensors keeps the metadata in a hash map, so its keys come out in a new order on every call and two exports
+    of one checkpoint would differ in sha256. The header keeps its length (the same JSON, reordered), so the tensor
+    bytes and their offsets are untouched.
+    """
     with open(path, "r+b") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size), object_pairs_hook=OrderedDict)
