@@ -8,7 +8,7 @@ For each t level (one fixed t for every sample), each step scale c and each K, t
 
 where |J| is the generator's measured Jacobian norm (`emd.generator_jacobian_norm`, power iteration at
 z ~ N(0, I)): c is then the step relative to the stability bound of the z-target's curvature at that t
-(docs/ALGORITHM.md, "A z step scaled by the generator"). K = 0 is the generator itself. Reported for g(z_K): TV to
+(docs/ALGORITHM.md, "The z step"). K = 0 is the generator itself. Reported for g(z_K): TV to
 the 25-step teacher at the run's guidance (with its floor), modes recalled, entropy ratio, full-prompt accuracy,
 rms(z_K), and the mean z drift |(alpha/sigma) J^T delta| against the prior term |z|.
 

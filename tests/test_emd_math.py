@@ -381,7 +381,7 @@ def test_snr_z_step_is_stable_where_the_constant_one_diverges(mix, t, gamma_z):
 
 
 def test_oracle_snr_z_step_reaches_maximum_likelihood_on_two_mixtures():
-    """The chosen chain (docs/ALGORITHM.md, "A t-dependent z step"): K = 8, gamma_eps = 0.5, gamma_z = 0.175 with
+    """The chosen chain (docs/ALGORITHM.md, "The z step"): K = 8, gamma_eps = 0.5, gamma_z = 0.175 with
     z_step "snr", weighting "none", NC and NC0 on. benchmarks/oracle_zstep.py measured a^2 +1.4% / -1.4% of ML on
     the symmetric / asymmetric mixture (seeds 0 and 1 agree to 0.1%), b within 0.4% of the teacher's sd; DMD is
     15% / 12% under. This is that benchmark's run for seed 0 (deterministic, float64), so the 2% of the issue is

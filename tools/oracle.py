@@ -31,7 +31,7 @@ class Mixture:
         return second - self.mean() ** 2
 
 
-# The mixtures the z-step choice is measured on (docs/ALGORITHM.md, "A t-dependent z step"): the oracle's own
+# The mixtures the z-step choice is measured on (docs/ALGORITHM.md, "The z step"): the oracle's own
 # symmetric one, an asymmetric one (unequal weights and scales, ML b != 0), and a sharp one (modes 3x narrower,
 # so the z-target at small t is 6x stiffer: closer to an image teacher whose data lie on a thin set).
 SYMMETRIC = Mixture()
