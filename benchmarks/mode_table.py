@@ -61,10 +61,12 @@ def cell(values: list[float]) -> str:
     return f"{mean:.3f} +- {se:.3f}" if mean < 10 else f"{mean:.0f} +- {se:.0f}"
 
 
-def table(runs: dict[str, list[dict]]) -> str:
-    lines = ["| point | seeds | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+def table(runs: dict[str, list[dict]], wall_clock: bool = True) -> str:
+    """One row per point; without the distill seconds where runs were resumed or shared the cores unevenly."""
+    columns = {k: v for k, v in COLUMNS.items() if wall_clock or k != "distill s"}
+    lines = ["| point | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for name, reports in runs.items():
-        cells = [cell([get(r) for r in reports]) for get in COLUMNS.values()]
+        cells = [cell([get(r) for r in reports]) for get in columns.values()]
         lines.append(f"| {name} | {len(reports)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -110,7 +112,8 @@ def main() -> None:
         print(curve(args.results))
         return
     runs = load(args.points, args.results, args.step)
-    print(table(runs) + "\n\nTV per prompt:\n\n" + per_prompt(runs) + "\n\nQuality:\n\n" + quality(runs))
+    # at equal iterations the cost is a separate table (docs/BENCHMARKS.md): those runs were resumed
+    print(table(runs, wall_clock=args.step is None) + "\n\nTV per prompt:\n\n" + per_prompt(runs) + "\n\nQuality:\n\n" + quality(runs))
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ from safetensors.torch import load_file, save_file
 from tiny import randomize_lora
 
 from emd_t2i.errors import UserError
-from emd_t2i.files import save_safetensors
 from emd_t2i.export.card import EXAMPLE_PROMPT, client_table, loading_snippets
 from emd_t2i.export.layout import FACTS_FILE, FACTS_PREFIX, KOHYA_FILE, LORA_FILE, PIPELINE_DIR, SCHEDULER_DIR
 from emd_t2i.export.sample import initial_noise, sample
 from emd_t2i.export.writer import export_run
+from emd_t2i.files import save_safetensors
 from emd_t2i.models.roles import (
     FAKE_SCORE,
     GENERATOR,

@@ -32,8 +32,42 @@ def write_folder(path, cross_attention_dim=768, block_out_channels=SD_WIDTHS, sa
 def test_every_preset_is_a_valid_config_of_known_flags(name):
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     assert set(PRESETS[name]) <= fields
-    cfg = build_config(teacher=name)
+    cfg = build_config(preset=name)
     assert all(getattr(cfg, k) == v for k, v in PRESETS[name].items())
+    if name in TEACHERS:  # a teacher's own preset is also what --teacher alone gives
+        assert dataclasses.replace(build_config(teacher=name), preset=name) == build_config(teacher=name, preset=name)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_no_preset_moves_z_with_a_step_fixed_across_t(name):
+    """A constant z step is unstable at small t or frozen at large t (docs/ALGORITHM.md, "The z step")."""
+    cfg = build_config(preset=name)
+    assert cfg.gamma_z == 0 or cfg.z_step != "constant", (cfg.gamma_z, cfg.z_step)
+
+
+def test_toy_emd_is_the_chain_measured_at_equal_iterations():
+    """--preset toy-emd runs exactly the study's z-moving point (benchmarks/em_study.sh emd_k2_z), and the toy
+    preset exactly its DMD point at the quickstart's length: the configs recorded with their scores."""
+    import pathlib
+
+    results = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "study22"
+    untimed = {"output", "seed", "prompts", "preset", "checkpoint_every", "keep_checkpoints", "validate_every",
+               "log_every", "jacobian_every"}  # where a run writes and watches, and a field it did not use
+    for preset, point, iterations in (("toy-emd", "emd_k2_z", 2000), ("toy", "dmd", 600)):
+        ran = json.loads((results / f"{point}_s0_2000.json").read_text())["config"]
+        now = build_config(preset=preset).to_dict()
+        assert ran["prompts"] == "prompts/toy.txt" and now["prompts"] == "toy"  # the same captions, in order
+        assert now["iterations"] == iterations
+        unused = {"z_step"} if now["gamma_z"] == 0 else set()  # z does not move: its step rule is never read
+        drift = {k: (ran[k], now[k]) for k in now if k not in untimed | unused | {"iterations"} and ran.get(k) != now[k]}
+        assert not drift, drift
+    assert build_config(teacher="toy-emd").preset is None and preset_name("toy-emd") is None  # not a teacher
+
+
+def test_an_unknown_preset_is_one_line():
+    result = CliRunner().invoke(app, ["distill", "--preset", "toy-long", "--dry-run"])
+    assert result.exit_code == 2
+    assert "--preset must be one of toy, toy-emd, sd-1.5" in result.output and "Traceback" not in result.output
 
 
 def test_sd_presets_hold_the_issue_values():
@@ -101,9 +135,9 @@ def test_distill_help_shows_the_defaults_each_preset_uses():
     result = CliRunner().invoke(app, ["distill", "--help"])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.replace("│", " ").split())  # undo rich's boxes and wrapping
-    assert "[default: 999; presets: toy 800, sd-1.5 800, sd-2.1-base 800, sd-2.1 800, sdxl 399]" in text
+    assert "[default: 999; presets: toy 800, toy-emd 800, sd-1.5 800, sd-2.1-base 800, sd-2.1 800, sdxl 399]" in text
     assert "[default: 0; presets: sd-1.5 500, sd-2.1-base 500, sd-2.1 500, sdxl 500]" in text  # --lr-warmup
-    assert "[default: auto; presets: toy no, sd-1.5 auto, sd-2.1-base auto, sd-2.1 auto, sdxl auto]" in text
+    assert "[default: auto; presets: toy no, toy-emd no, sd-1.5 auto, sd-2.1-base auto, sd-2.1 auto, sdxl auto]" in text
     assert "[default: 20]" in text  # --t-min: no preset sets it
 
 

@@ -50,6 +50,7 @@ RUN, EMD, OPTIM, WATCH = "Run", "EMD (docs/ALGORITHM.md)", "Optimisation", "Watc
 @user_errors
 def distill(
     teacher: Annotated[str | None, opt("teacher", RUN)] = None,
+    preset: Annotated[str | None, opt("preset", RUN)] = None,
     prompts: Annotated[str | None, opt("prompts", RUN)] = None,
     output: Annotated[str | None, opt("output", RUN)] = None,
     prompt_column: Annotated[str | None, opt("prompt_column", RUN)] = None,
@@ -129,7 +130,7 @@ def dry_run_summary(cfg: DistillConfig) -> str:
     value the run keeps, why it was chosen and where it was measured."""
     import torch  # only here: `emd-t2i --help` stays fast
 
-    name = preset_name(cfg.teacher)
+    name = cfg.preset or preset_name(cfg.teacher)
     cuda = torch.cuda.is_available()
     device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and cuda) else "cpu"
     precision = resolve_mixed_precision(cfg.mixed_precision, device_type, cuda and torch.cuda.is_bf16_supported())

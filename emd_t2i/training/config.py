@@ -39,6 +39,8 @@ class DistillConfig:
     """Everything that defines an EMD distillation run. Field `foo_bar` is the CLI flag `--foo-bar`."""
 
     teacher: str = _opt("registry name (see `emd-t2i teachers`), local diffusers folder, or hub id", default="toy")
+    preset: str | None = _opt("the defaults to start from, by name (toy-emd: the toy's EMD chain; see `--dry-run`); "
+                              "default: the teacher's preset", default=None)
     prompts: str = _opt("prompt source: .txt/.jsonl/.csv file, folder of .txt, or hf:owner/name", default="")
     output: str = _opt("run folder (config, logs, samples, checkpoints, export)", default="runs/emd")
     prompt_column: str | None = _opt("column of a .jsonl/.csv/hf prompt source", default=None)
@@ -46,16 +48,16 @@ class DistillConfig:
                                   "(else prompts are encoded on the fly into a bounded cache)", default=None)
     embedding_cache: int = _opt("embeddings kept in RAM per process when encoding on the fly", default=4096)
     # --- EMD (docs/ALGORITHM.md)
-    # Defaults measured on the analytic oracle (docs/ALGORITHM.md, benchmarks/oracle.py): with noise cancellation,
-    # gamma_eps 0.5, gamma_z 0.03, K = 4 lands within 1% of the maximum-likelihood fit without NC0, 3-5% with it
-    # (benchmarks/oracle_zstep.py; DMD: 12-15%); gamma_z = 0 cannot reach it. --z-step snr (K = 8, gamma_z 0.175,
-    # --weighting none) came within 1.4% on both oracle mixtures ("A t-dependent z step", docs/ALGORITHM.md).
-    num_langevin_steps: int = _opt("K, Langevin steps of the E-step", default=4)
+    # The chain of the toy-emd preset, which matched DMD's accuracy with more of the teacher's modes at equal
+    # iterations (docs/BENCHMARKS.md, "DMD vs EMD at equal iterations"): K = 2, the snr z step 0.1. DMD is K = 1,
+    # gamma_eps = 2, gamma_z = 0; the z step's rules are compared in docs/ALGORITHM.md, "The z step".
+    num_langevin_steps: int = _opt("K, Langevin steps of the E-step (1 with --gamma-eps 2 --gamma-z 0 is DMD)",
+                                   default=2)
     gamma_eps: float = _opt("step size of the eps chain (L1)", default=0.5)
-    gamma_z: float = _opt("step size of the z chain (L2); 0 keeps z fixed", default=0.03)
+    gamma_z: float = _opt("step size of the z chain (L2); 0 keeps z fixed", default=0.1)
     z_step: str = _opt("z step per t: constant (gamma_z) | snr (gamma_z / (1 + alpha_t^2 / sigma_t^2)) | jacobian "
                        "(gamma_z / (1 + (alpha_t / sigma_t)^2 |J|^2), |J| the generator's measured Jacobian norm: "
-                       "gamma_z is then the step relative to the stability limit at every t)", default="constant")
+                       "gamma_z is then the step relative to the stability limit at every t)", default="snr")
     jacobian_every: int = _opt("iterations between measurements of the generator's Jacobian norm |J| (--z-step "
                                "jacobian; logged as jacobian_norm)", default=100)
     noise_cancellation: bool = _opt("remove the injected eps-chain noise (NC1, NC2)", default=True)
@@ -158,6 +160,8 @@ def flag(name: str) -> str:
 
 
 def _problems(c: DistillConfig):
+    if c.preset is not None and c.preset not in PRESETS:
+        yield f"--preset must be one of {', '.join(PRESETS)} (got {c.preset!r})"
     positive = ("num_langevin_steps", "iterations", "batch_size", "generator_rank", "fake_rank", "grad_accum",
                 "log_every", "checkpoint_every", "keep_checkpoints", "fake_updates", "embedding_cache", "jacobian_every")
     for name in positive:
@@ -200,7 +204,7 @@ def _problems(c: DistillConfig):
 def build_config(**given: Any) -> DistillConfig:
     """The config from the flags a user gave (None = not given), over the teacher's preset, over defaults."""
     given = {k: v for k, v in given.items() if v is not None}
-    name = preset_name(given.get("teacher", DistillConfig.teacher))
+    name = given.get("preset") or preset_name(given.get("teacher", DistillConfig.teacher))
     return DistillConfig(**{**PRESETS.get(name, {}), **given})
 
 

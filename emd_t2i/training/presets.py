@@ -46,14 +46,37 @@ TOY_TABLE = {
                              "embedding: accuracy 0.90 -> 0.95 at w 2.25", "B: Sweep (q_io*)"),
     "t_star": Choice(800, "the sweep's largest single gain (800 beat 999, 900, 700, 600, 500): (G1) multiplies the "
                      "eps error by sigma/alpha, 14.6 at 999 and 5.1 at 800", "A: Recommended defaults (t_star)"),
-    "gamma_z": Choice(0.0, "the eps-only chain: z-moving chains lost 7-13 points of accuracy at this budget",
-                      "B: DMD vs EMD at equal wall-clock"),
-    "num_langevin_steps": Choice(2, "K = 2 keeps an iteration about as cheap as DMD's", "B: Sweep"),
+    # DMD, the K = 1 case of the same code: the chain that moves z needs more iterations than 15 minutes hold.
+    "num_langevin_steps": Choice(1, "DMD: at this budget the z-moving chains lost 7-13 points of accuracy, and the "
+                                 "eps-only K = 2 chain covered modes worse (TV 0.360 vs 0.331, 3 seeds)",
+                                 "B: DMD vs EMD at equal wall-clock"),
+    "gamma_eps": Choice(2.0, "with K = 1 and gamma_z = 0, the E-step is DMD's: x_t scored once",
+                        "A: Verification (the K = 1 reduction)"),
+    "gamma_z": Choice(0.0, "DMD's z does not move; the z-moving chain is toy-emd's (2000 iterations)",
+                      "B: DMD vs EMD at equal iterations"),
     "log_every": Choice(10, "a log line every few seconds", "not measured"),
     "validate_every": Choice(100, "six grids over the run", "not measured"),
     "checkpoint_every": Choice(50, "at most 50 iterations (about a minute) lost to a crash", "not measured"),
     "num_validation_prompts": Choice(8, "one of each shape-colour pair shows in a grid", "not measured"),
     "mixed_precision": Choice("no", "every sweep point ran in fp32 (auto would mean bf16 on a GPU)", "B: Sweep"),
+}
+
+# The toy's EMD chain with z moving, at the length where DMD's TV stopped improving: at equal iterations it matched
+# DMD's accuracy with more of the teacher's modes (docs/BENCHMARKS.md, "DMD vs EMD at equal iterations").
+# `emd-t2i distill --teacher toy --preset toy-emd`: about 40 minutes on 2 CPU cores.
+TOY_EMD_TABLE = {
+    **TOY_TABLE,
+    "iterations": Choice(2000, "DMD's TV stopped improving between 1500 and 2000 iterations; the chain is compared "
+                         "there", "B: DMD vs EMD at equal iterations"),
+    "num_langevin_steps": Choice(2, "the shortest chain that moves z: 1.4x DMD's UNet rows per iteration",
+                                 "B: DMD vs EMD at equal iterations"),
+    "gamma_eps": Choice(0.5, "the oracle's eps step", "A: Oracle"),
+    "gamma_z": Choice(0.1, "with the snr rule, 0.025 at t = 200, where the E-step probe saw the chain move samples "
+                      "toward prompt-correct modes; 0.175 over-dispersed at 600 iterations",
+                      "B: DMD vs EMD at equal iterations (E-step probe)"),
+    "z_step": Choice("snr", "stable at every t on the oracle and the toy; the jacobian bound is ~100x too small a "
+                     "step on the toy's generator (|J| up to 36)", "A: The z step"),
+    "validate_every": Choice(250, "eight grids over the run", "not measured"),
 }
 
 # Stable Diffusion 1.5 at 512 px (64x64 latents, eps-prediction). No value has been measured at SD scale (no GPU was
@@ -76,9 +99,14 @@ SD15_TABLE = {
     "fake_rank": Choice(64, "as the generator", "not measured on SD"),
     "guidance_scale": Choice(1.75, "DMD2's SD1.5 guidance; the toy found lower guidance trades accuracy for "
                              "diversity well (1.75 to 3 is the range worth sweeping)", "not measured on SD"),
-    "num_langevin_steps": Choice(4, "the oracle's chain", "A: Oracle"),
+    "num_langevin_steps": Choice(2, "toy-emd's chain: at equal iterations on the toy it matched DMD's accuracy with "
+                                 "more of the teacher's modes, at 1.4x DMD's UNet rows per iteration",
+                                 "not measured on SD; B: DMD vs EMD at equal iterations"),
     "gamma_eps": Choice(0.5, "the oracle's eps step", "A: Oracle"),
-    "gamma_z": Choice(0.03, "the oracle's z step", "A: Oracle"),
+    "gamma_z": Choice(0.1, "toy-emd's z step: 0.025 at t = 200 and about 0.1 near t = 980 with the snr rule",
+                      "not measured on SD; B: DMD vs EMD at equal iterations"),
+    "z_step": Choice("snr", "a step fixed across t is unstable at small t on a sharp teacher or frozen at large t",
+                     "A: The z step"),
     "cancel_initial_noise": Choice(True, "5-34x less M-step variance on the oracle at K = 4", "A: NC0"),
     "batch_size": Choice(4, "one 24 GB GPU with bf16 and checkpointing", "B: SD1.5 at real size"),
     "mixed_precision": Choice("auto", "bf16 on CUDA, as DMD2 trains", "A: Conventions (precision policy)"),
@@ -113,9 +141,10 @@ SDXL_TABLE = {
                          "CPU"),
 }
 
-TABLES: dict[str, dict[str, Choice]] = {"toy": TOY_TABLE, "sd-1.5": SD15_TABLE, "sd-2.1-base": SD21_BASE_TABLE,
+TABLES: dict[str, dict[str, Choice]] = {"toy": TOY_TABLE, "toy-emd": TOY_EMD_TABLE, "sd-1.5": SD15_TABLE, "sd-2.1-base": SD21_BASE_TABLE,
                                         "sd-2.1": SD21_TABLE, "sdxl": SDXL_TABLE}
 PRESETS: dict[str, dict[str, Any]] = {name: {k: c.value for k, c in table.items()} for name, table in TABLES.items()}
+NOT_A_TEACHER = frozenset({"toy-emd"})  # chosen by --preset only, never by --teacher
 
 
 # UNet config facts -> preset: (cross_attention_dim, block_out_channels, sample_size, prediction_type).
@@ -130,7 +159,7 @@ _ARCHITECTURES = {
 def preset_name(teacher: str) -> str | None:
     """The preset of a --teacher: a preset name, a registry hub id, or a folder whose configs match a known model."""
     teacher = teacher.strip()
-    if teacher in PRESETS:
+    if teacher in PRESETS and teacher not in NOT_A_TEACHER:
         return teacher
     from emd_t2i.models.teachers import (  # imports torch: only when the name alone does not tell
         TEACHERS,
