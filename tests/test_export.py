@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tiny import randomize_lora
 
 from emd_t2i.errors import UserError
-from emd_t2i.export.card import EXAMPLE_PROMPT, client_table, loading_snippets
+from emd_t2i.export.card import EXAMPLE_PROMPT, client_table, loading_snippets, method_name
 from emd_t2i.export.layout import FACTS_FILE, FACTS_PREFIX, KOHYA_FILE, LORA_FILE, PIPELINE_DIR, SCHEDULER_DIR
 from emd_t2i.export.sample import initial_noise, sample
 from emd_t2i.export.writer import export_run
@@ -332,3 +332,9 @@ def test_exporting_a_checkpoint_twice_gives_the_same_bytes(tiny_teacher_dir, tmp
     assert any(p.suffix == ".safetensors" for p in files)
     assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file() and p.name != "README.md")
     assert all((first / p).read_bytes() == (second / p).read_bytes() for p in files)
+
+
+def test_the_model_card_names_the_method_the_run_used():
+    assert method_name({"num_langevin_steps": 2, "gamma_eps": 0.5, "gamma_z": 0.1}) == "EM Distillation"
+    assert method_name({"num_langevin_steps": 1, "gamma_eps": 2.0, "gamma_z": 0.0}).startswith("DMD")
+    assert "eps-only" in method_name({"num_langevin_steps": 2, "gamma_eps": 0.5, "gamma_z": 0.0})

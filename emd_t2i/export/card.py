@@ -123,6 +123,16 @@ def _front_matter(teacher_source: str) -> str:
             "tags: [text-to-image, stable-diffusion, lora, one-step, emd-t2i]\n---\n")
 
 
+def method_name(facts: dict) -> str:
+    """What the run's E-step was: DMD is EMD's K = 1 chain with gamma_eps = 2 and z fixed (docs/ALGORITHM.md)."""
+    k, gamma_eps, gamma_z = facts.get("num_langevin_steps"), facts.get("gamma_eps"), facts.get("gamma_z")
+    if gamma_z != 0:
+        return "EM Distillation"
+    if k == 1 and gamma_eps == 2:
+        return "DMD (EM Distillation's K = 1 chain)"
+    return "EM Distillation's eps-only chain (z fixed)"
+
+
 def model_card(facts: dict, formats: tuple[str, ...], output: Path, evaluation: dict | None,
                metrics: dict | None = None) -> str:
     """README.md of an export: the teacher, how it was distilled, how to load it, and its evaluation."""
@@ -136,7 +146,7 @@ def model_card(facts: dict, formats: tuple[str, ...], output: Path, evaluation: 
              "kohya": f"`{KOHYA_FILE}`: the same LoRA with kohya keys and metadata (ComfyUI, AUTOMATIC1111)"}
     parts = [
         _front_matter(facts["teacher_source"]),
-        f"# One-step generator distilled from {facts['teacher']} with EM Distillation\n",
+        f"# One-step generator distilled from {facts['teacher']} with {method_name(facts)}\n",
         f"Made by emd-t2i {facts['version']} from step {facts['step']} of the run. Teacher: "
         f"`{facts['teacher_source']}`" + (f" ({entry.description}; licence: {entry.licence})." if entry
                                           else "."),
