@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from test_train import tiny_config
 from typer.testing import CliRunner
 
 from emd_t2i.cli import app
 from emd_t2i.errors import UserError
+from emd_t2i.files import save_safetensors
 from emd_t2i.training import checkpoint as ckpt
 from emd_t2i.training.loop import distill
 
@@ -162,8 +163,8 @@ def ends_mid_write(real, error: Exception):
 
 
 FULL_DISK = {  # what each writer raised on a full tmpfs
-    "OSError": ("save_file", OSError(errno.ENOSPC, "No space left on device")),
-    "SafetensorError": ("save_file", SafetensorError("Error while serializing: I/O error: No space left on device "
+    "OSError": ("save_safetensors", OSError(errno.ENOSPC, "No space left on device")),
+    "SafetensorError": ("save_safetensors", SafetensorError("Error while serializing: I/O error: No space left on device "
                                                      "(os error 28)")),
     "torch's RuntimeError": ("torch.save", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
                                                         "576 vs 534")),
@@ -174,8 +175,8 @@ FULL_DISK = {  # what each writer raised on a full tmpfs
 def test_a_full_disk_leaves_the_previous_checkpoint_and_ends_in_one_line(tiny_teacher_dir, prompt_file, tmp_path,
                                                                          monkeypatch, raised):
     writer, error = FULL_DISK[raised]
-    if writer == "save_file":
-        monkeypatch.setattr(ckpt, "save_file", ends_mid_write(ckpt.save_file, error))
+    if writer == "save_safetensors":
+        monkeypatch.setattr(ckpt, "save_safetensors", ends_mid_write(ckpt.save_safetensors, error))
     else:
         monkeypatch.setattr(torch, "save", ends_mid_write(torch.save, error))
     out = tmp_path / "run"
@@ -211,9 +212,9 @@ def test_a_full_disk_during_export_keeps_the_previous_export(tiny_teacher_dir, p
         calls["n"] += 1
         if calls["n"] == 2:
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-        return save_file(state, path, metadata=metadata)
+        return save_safetensors(state, path, metadata=metadata)
 
-    monkeypatch.setattr(export, "save_file", second_fails)
+    monkeypatch.setattr(export, "save_safetensors", second_fails)
     line = one_error_line(CliRunner().invoke(app, args))
     assert "cannot write" in line and "no space left on the disk" in line and str(out / "export") in line
     assert not [p.name for p in out.iterdir() if p.name.startswith((".tmp", ".old"))], "partial export left behind"
