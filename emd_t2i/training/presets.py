@@ -51,7 +51,7 @@ TOY_TABLE = {
                                  "eps-only K = 2 chain covered modes worse (TV 0.360 vs 0.331, 3 seeds)",
                                  "B: DMD vs EMD at equal wall-clock"),
     "gamma_eps": Choice(2.0, "with K = 1 and gamma_z = 0, the E-step is DMD's: x_t scored once",
-                        "A: Verification (the K = 1 reduction)"),
+                        "A: Labels -> code (K=1 reduction)"),
     "gamma_z": Choice(0.0, "DMD's z does not move; the z-moving chain is toy-emd's (2000 iterations)",
                       "B: DMD vs EMD at equal iterations"),
     "log_every": Choice(10, "a log line every few seconds", "not measured"),
@@ -63,7 +63,7 @@ TOY_TABLE = {
 
 # The toy's EMD chain with z moving, at the length where DMD's TV stopped improving: at equal iterations it matched
 # DMD's accuracy with more of the teacher's modes (docs/BENCHMARKS.md, "DMD vs EMD at equal iterations").
-# `emd-t2i distill --teacher toy --preset toy-emd`: about 40 minutes on 2 CPU cores.
+# `emd-t2i distill --teacher toy --preset toy-emd`: about 45 minutes on 2 CPU cores (576 UNet rows per iteration).
 TOY_EMD_TABLE = {
     **TOY_TABLE,
     "iterations": Choice(2000, "DMD's TV stopped improving between 1500 and 2000 iterations; the chain is compared "
@@ -141,8 +141,8 @@ SDXL_TABLE = {
                          "CPU"),
 }
 
-TABLES: dict[str, dict[str, Choice]] = {"toy": TOY_TABLE, "toy-emd": TOY_EMD_TABLE, "sd-1.5": SD15_TABLE, "sd-2.1-base": SD21_BASE_TABLE,
-                                        "sd-2.1": SD21_TABLE, "sdxl": SDXL_TABLE}
+TABLES: dict[str, dict[str, Choice]] = {"toy": TOY_TABLE, "toy-emd": TOY_EMD_TABLE, "sd-1.5": SD15_TABLE,
+                                        "sd-2.1-base": SD21_BASE_TABLE, "sd-2.1": SD21_TABLE, "sdxl": SDXL_TABLE}
 PRESETS: dict[str, dict[str, Any]] = {name: {k: c.value for k, c in table.items()} for name, table in TABLES.items()}
 NOT_A_TEACHER = frozenset({"toy-emd"})  # chosen by --preset only, never by --teacher
 
