@@ -1,5 +1,5 @@
 """Compare two export folders file by file: sha256 of every file, the .safetensors ones with their metadata keys
-sorted first (emd_t2i.files.sort_safetensors_metadata, as every export since 8e9f4b4 is written), so that exports
+sorted first (emd_t2i.files.sorted_safetensors_header, as every export since 8e9f4b4 is written), so that exports
 written before that commit can be compared byte for byte with later ones. README.md (the model card, which names
 its own folder) is listed but not judged. Exit status 1 if any other file differs or is missing.
 
@@ -8,22 +8,24 @@ its own folder) is listed but not judged. Exit status 1 if any other file differ
 
 from __future__ import annotations
 
-import shutil
+import hashlib
 import sys
-import tempfile
 from pathlib import Path
 
-from emd_t2i.files import file_sha256, sort_safetensors_metadata
+from emd_t2i.files import file_sha256, sorted_safetensors_header
 
 
 def canonical_sha256(path: Path) -> str:
+    """sha256 of a file; of a .safetensors file as if its metadata keys were sorted (read once, nothing copied)."""
     if path.suffix != ".safetensors":
         return file_sha256(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / path.name
-        shutil.copyfile(path, copy)
-        sort_safetensors_metadata(copy)
-        return file_sha256(copy)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = f.read(8)
+        digest.update(sorted_safetensors_header(size + f.read(int.from_bytes(size, "little"))))
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def main(a: Path, b: Path) -> int:

@@ -190,21 +190,28 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None 
 
 
 def sort_safetensors_metadata(path: Path) -> None:
-    """Rewrite a .safetensors header in place with its metadata keys sorted.
+    """Rewrite a .safetensors header in place with its metadata keys sorted (`sorted_safetensors_header`).
 
     safetensors keeps the metadata in a hash map, so its keys come out in a new order on every call and two exports
-    of one checkpoint would differ in sha256. The header keeps its length (the same JSON, reordered), so the tensor
-    bytes and their offsets are untouched.
+    of one checkpoint would differ in sha256.
     """
     with open(path, "r+b") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size), object_pairs_hook=OrderedDict)
-        if "__metadata__" in header:
-            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(canonical) <= size:  # the padding to 8-byte alignment is spaces, as safetensors writes it
-            f.seek(8)
-            f.write(canonical.ljust(size, b" "))
+        size = f.read(8)
+        header = size + f.read(int.from_bytes(size, "little"))
+        f.seek(0)
+        f.write(sorted_safetensors_header(header))
+
+
+def sorted_safetensors_header(raw: bytes) -> bytes:
+    """A .safetensors header (the 8-byte length and the JSON after it) with the metadata keys sorted. It keeps its
+    length (the same JSON, reordered; padded with spaces as safetensors pads), so the tensor offsets are unchanged;
+    a header that would not fit is returned as it was."""
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size], object_pairs_hook=OrderedDict)
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return raw[:8] + canonical.ljust(size, b" ") if len(canonical) <= size else raw[:8 + size]
 
 
 # ---------------------------------------------------------------------------------------------------------
