@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -48,9 +49,7 @@ def test_no_preset_moves_z_with_a_step_fixed_across_t(name):
 def test_toy_emd_is_the_chain_measured_at_equal_iterations():
     """--preset toy-emd runs exactly the study's z-moving point (benchmarks/em_study.sh emd_k2_z), and the toy
     preset exactly its DMD point at the quickstart's length: the configs recorded with their scores."""
-    import pathlib
-
-    results = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "study22"
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "study22"
     untimed = {"output", "seed", "prompts", "preset", "checkpoint_every", "keep_checkpoints", "validate_every",
                "log_every", "jacobian_every"}  # where a run writes and watches, and a field it did not use
     for preset, point, iterations in (("toy-emd", "emd_k2_z", 2000), ("toy", "dmd", 600)):
@@ -59,7 +58,7 @@ def test_toy_emd_is_the_chain_measured_at_equal_iterations():
         assert ran["prompts"] == "prompts/toy.txt" and now["prompts"] == "toy"  # the same captions, in order
         assert now["iterations"] == iterations
         unused = {"z_step"} if now["gamma_z"] == 0 else set()  # z does not move: its step rule is never read
-        drift = {k: (ran[k], now[k]) for k in now if k not in untimed | unused | {"iterations"} and ran.get(k) != now[k]}
+        drift = {k: (ran.get(k), now[k]) for k in now if k not in untimed | unused | {"iterations"} and ran.get(k) != now[k]}
         assert not drift, drift
     assert build_config(teacher="toy-emd").preset is None and preset_name("toy-emd") is None  # not a teacher
 

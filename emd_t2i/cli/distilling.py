@@ -12,7 +12,7 @@ import typer
 
 from emd_t2i.cli.common import fail, literal_help, user_errors
 from emd_t2i.training.config import PRESETS, DistillConfig, build_config, resolve_mixed_precision
-from emd_t2i.training.presets import TABLES, preset_name
+from emd_t2i.training.presets import TABLES, chosen_preset
 
 DISTILL_EXAMPLE = "Example: emd-t2i distill --teacher sd-1.5 --prompts general --output runs/sd15"
 
@@ -130,7 +130,7 @@ def dry_run_summary(cfg: DistillConfig) -> str:
     value the run keeps, why it was chosen and where it was measured."""
     import torch  # only here: `emd-t2i --help` stays fast
 
-    name = cfg.preset or preset_name(cfg.teacher)
+    name = chosen_preset(cfg.preset, cfg.teacher)
     cuda = torch.cuda.is_available()
     device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and cuda) else "cpu"
     precision = resolve_mixed_precision(cfg.mixed_precision, device_type, cuda and torch.cuda.is_bf16_supported())

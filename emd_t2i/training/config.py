@@ -11,7 +11,7 @@ from typing import Any
 from emd_t2i.choices import WEIGHTINGS, Z_STEPS
 from emd_t2i.errors import UserError
 from emd_t2i.files import write_text_atomic
-from emd_t2i.training.presets import DEFAULT_TARGET_MODULES, PRESETS, preset_name
+from emd_t2i.training.presets import DEFAULT_TARGET_MODULES, PRESETS, chosen_preset
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -204,7 +204,7 @@ def _problems(c: DistillConfig):
 def build_config(**given: Any) -> DistillConfig:
     """The config from the flags a user gave (None = not given), over the teacher's preset, over defaults."""
     given = {k: v for k, v in given.items() if v is not None}
-    name = given.get("preset") or preset_name(given.get("teacher", DistillConfig.teacher))
+    name = chosen_preset(given.get("preset"), given.get("teacher", DistillConfig.teacher))
     return DistillConfig(**{**PRESETS.get(name, {}), **given})
 
 

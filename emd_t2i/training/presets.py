@@ -156,6 +156,11 @@ _ARCHITECTURES = {
 }
 
 
+def chosen_preset(preset: str | None, teacher: str) -> str | None:
+    """The preset a run stands on: the one named by --preset, else the teacher's (preset_name)."""
+    return preset or preset_name(teacher)
+
+
 def preset_name(teacher: str) -> str | None:
     """The preset of a --teacher: a preset name, a registry hub id, or a folder whose configs match a known model."""
     teacher = teacher.strip()
