@@ -33,7 +33,7 @@ from emd_t2i.data.cache import EmbeddingCache
 from emd_t2i.emd import Draws, EMDSettings, e_step, generator_jacobian_norm
 from emd_t2i.evaluation.toy import teacher_images
 from emd_t2i.images import decode_latents
-from emd_t2i.models.roles import FAKE_SCORE, GENERATOR, Roles, add_roles, load_adapter_state_dict
+from emd_t2i.models.roles import FAKE_SCORE, GENERATOR, TEACHER, Roles, add_roles, load_adapter_state_dict
 from emd_t2i.models.teachers import load_teacher
 from emd_t2i.schedule import alpha_sigma
 from emd_t2i.toy.metrics import evaluation_prompts, prompt_accuracy
@@ -52,7 +52,7 @@ CHUNK = 256  # samples per UNet call
 class Probe:
     """A checkpoint's generator and fake score on the toy teacher, with the prompts' embeddings."""
 
-    def __init__(self, run_dir: Path, step: int, ema: bool = False):
+    def __init__(self, run_dir: Path, step: int, ema: bool = False, chain_guidance: float | None = None):
         cfg = DistillConfig.load(run_dir / "config.json")
         self.cfg = cfg
         self.teacher = load_teacher(cfg.teacher)
@@ -60,8 +60,9 @@ class Probe:
         adapters = load_adapters(checkpoint_dir(run_dir, step))
         load_adapter_state_dict(self.teacher.unet, GENERATOR, adapters["generator_ema" if ema else GENERATOR])
         load_adapter_state_dict(self.teacher.unet, FAKE_SCORE, adapters[FAKE_SCORE])
+        self.chain_guidance = cfg.guidance_scale if chain_guidance is None else chain_guidance
         self.roles = Roles(self.teacher.unet, self.teacher.alphas_cumprod, self.teacher.prediction_type, cfg.t_star,
-                           cfg.guidance_scale)
+                           self.chain_guidance)
         self.cache = EmbeddingCache(self.teacher.tokenizer, self.teacher.text_encoder)
         t = self.teacher
         self.shape = (t.latent_channels, t.latent_size, t.latent_size)
@@ -118,6 +119,33 @@ def check_prefix(probe: Probe, t: int, gamma_z: float, gamma_eps: float, k: int 
     assert torch.equal(z, whole.z) and torch.equal(eps, whole.eps_tilde), "the probe's chain is not emd.e_step's"
 
 
+def denoising_errors(probe: Probe, z: torch.Tensor, prompts: list[str], t: int, seed: int) -> dict:
+    """(F1)'s error on the generator's own samples g(z) noised to t, for the fake score and for the teacher
+    (conditional, w = 1, and guided as in the chain), and the rms of the chain's delta = eps_teacher - eps_fake (E1).
+    The fake score is trained on exactly these samples, so where it denoises them no better than the frozen teacher,
+    delta carries its fitting error more than the density ratio the E-step is after."""
+    noise = torch.Generator().manual_seed(seed + t)
+    sums = {"fake": 0.0, "teacher_conditional": 0.0, "teacher_guided": 0.0, "delta": 0.0}
+    for i in range(0, len(z), CHUNK):
+        rows = slice(i, i + CHUNK)
+        generator, teacher_eps, fake_eps = probe.bind(prompts[rows])
+        cond = probe.cache.get(prompts[rows])
+        tt = torch.full((len(z[rows]),), t, dtype=torch.long)
+        with torch.no_grad():
+            x0 = generator(z[rows])
+            eps = torch.randn(x0.shape, generator=noise)
+            alpha, sigma = alpha_sigma(probe.teacher.alphas_cumprod, tt, like=x0)
+            x_t = alpha * x0 + sigma * eps
+            fake, guided = fake_eps(x_t, tt), teacher_eps(x_t, tt)
+            conditional = probe.roles.eps(TEACHER, x_t, tt, cond)
+        for name, pred in (("fake", fake), ("teacher_conditional", conditional), ("teacher_guided", guided)):
+            sums[name] += float((pred - eps).pow(2).sum())
+        sums["delta"] += float((guided - fake).pow(2).sum())
+    count = z.numel()
+    return {"t": t, **{f"mse_{k}": v / count for k, v in sums.items() if k != "delta"},
+            "delta_rms": (sums["delta"] / count) ** 0.5}
+
+
 def teacher_labels(guidance: float, n: int, seed: int, cache: Path) -> np.ndarray:
     """(prompts, n, 3) labels of the 25-step teacher at `guidance` (cached: a few minutes on one thread)."""
     path = cache / f"teacher25_w{guidance}_n{n}_s{seed}.npy"
@@ -155,11 +183,15 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument("--gamma-eps", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chain-guidance", type=float, default=None,
+                        help="the teacher's guidance inside the chain (default: the run's; the reference stays at it)")
+    parser.add_argument("--denoising-only", action="store_true",
+                        help="only (F1)'s error of the fake score and the teacher on g(z) at each t; no chains")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.time()
-    probe = Probe(args.run, args.step)
+    probe = Probe(args.run, args.step, chain_guidance=args.chain_guidance)
     guidance = probe.cfg.guidance_scale
     reference = teacher_labels(guidance, 384, args.seed, Path("runs/estep_probe_cache"))
     full = evaluation_prompts(args.full, args.seed)
@@ -169,11 +201,18 @@ def main() -> None:
     eps0 = torch.randn((len(prompts), *probe.shape), generator=rng)
     jac = probe.jacobian_norm(list(UNDERSPECIFIED_PROMPTS) + full[:10], args.seed + 11)
     jnorm = float(jac.max())
-    out = {"run": str(args.run), "step": args.step, "guidance": guidance, "t_star": probe.cfg.t_star,
+    out = {"run": str(args.run), "step": args.step, "guidance": guidance, "chain_guidance": probe.chain_guidance,
+           "t_star": probe.cfg.t_star,
            "n_per_prompt": args.n, "full_prompts": args.full, "gamma_eps": args.gamma_eps,
            "jacobian_norm": {"max": jnorm, "mean": float(jac.mean()), "min": float(jac.min())},
            "generator": measure(probe, z0, prompts, args.n, full, reference), "chains": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.denoising_only:
+        out["denoising"] = [denoising_errors(probe, z0, prompts, t, args.seed) for t in args.ts]
+        out["seconds"] = round(time.time() - start)
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        print(json.dumps(out["denoising"], indent=1))
+        return
     print(f"|J| max {jnorm:.3f} mean {float(jac.mean()):.3f}; generator TV {out['generator']['tv']:.3f} "
           f"(floor {out['generator']['tv_floor']:.3f}) acc {out['generator']['accuracy']:.3f}", flush=True)
     for t in args.ts:
