@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from emd_t2i.data.cache import EmbeddingCache
-from emd_t2i.emd import Draws, EMDSettings, e_step, generator_jacobian_norm
+from emd_t2i.emd import Draws, EMDSettings, e_step, generator_jacobian_norm, guided_eps
 from emd_t2i.evaluation.toy import teacher_images
 from emd_t2i.images import decode_latents
 from emd_t2i.models.roles import FAKE_SCORE, GENERATOR, TEACHER, Roles, add_roles, load_adapter_state_dict
@@ -119,31 +119,38 @@ def check_prefix(probe: Probe, t: int, gamma_z: float, gamma_eps: float, k: int 
     assert torch.equal(z, whole.z) and torch.equal(eps, whole.eps_tilde), "the probe's chain is not emd.e_step's"
 
 
-def denoising_errors(probe: Probe, z: torch.Tensor, prompts: list[str], t: int, seed: int) -> dict:
-    """(F1)'s error on the generator's own samples g(z) noised to t, for the fake score and for the teacher
+def denoising_errors(probe: Probe, z: torch.Tensor, prompts: list[str], ts: list[int], seed: int) -> list[dict]:
+    """(F1)'s error on the generator's own samples g(z) noised to each t, for the fake score and for the teacher
     (conditional, w = 1, and guided as in the chain), and the rms of the chain's delta = eps_teacher - eps_fake (E1).
     The fake score is trained on exactly these samples, so where it denoises them no better than the frozen teacher,
-    delta carries its fitting error more than the density ratio the E-step is after."""
-    noise = torch.Generator().manual_seed(seed + t)
-    sums = {"fake": 0.0, "teacher_conditional": 0.0, "teacher_guided": 0.0, "delta": 0.0}
+    delta carries its fitting error more than the density ratio the E-step is after. g(z) is made once for every t;
+    the teacher runs once per t on [uncond; cond], as `Roles.teacher_eps` does, and gives both of its errors."""
+    noise = {t: torch.Generator().manual_seed(seed + t) for t in ts}
+    names = ("fake", "teacher_conditional", "teacher_guided", "delta")
+    sums = {t: dict.fromkeys(names, 0.0) for t in ts}
     for i in range(0, len(z), CHUNK):
         rows = slice(i, i + CHUNK)
-        generator, teacher_eps, fake_eps = probe.bind(prompts[rows])
         cond = probe.cache.get(prompts[rows])
-        tt = torch.full((len(z[rows]),), t, dtype=torch.long)
+        uncond = probe.cache.null_embedding().expand_as(cond)
+        generator, _, fake_eps = probe.roles.bind(cond, uncond)
         with torch.no_grad():
             x0 = generator(z[rows])
-            eps = torch.randn(x0.shape, generator=noise)
+        for t in ts:
+            tt = torch.full((len(x0),), t, dtype=torch.long)
+            eps = torch.randn(x0.shape, generator=noise[t])
             alpha, sigma = alpha_sigma(probe.teacher.alphas_cumprod, tt, like=x0)
             x_t = alpha * x0 + sigma * eps
-            fake, guided = fake_eps(x_t, tt), teacher_eps(x_t, tt)
-            conditional = probe.roles.eps(TEACHER, x_t, tt, cond)
-        for name, pred in (("fake", fake), ("teacher_conditional", conditional), ("teacher_guided", guided)):
-            sums[name] += float((pred - eps).pow(2).sum())
-        sums["delta"] += float((guided - fake).pow(2).sum())
+            with torch.no_grad():
+                fake = fake_eps(x_t, tt)
+                both = probe.roles.eps(TEACHER, torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([uncond, cond]))
+            uncond_eps, cond_eps = both.chunk(2)
+            guided = guided_eps(uncond_eps, cond_eps, probe.chain_guidance)
+            for name, value in (("fake", fake - eps), ("teacher_conditional", cond_eps - eps),
+                                ("teacher_guided", guided - eps), ("delta", guided - fake)):
+                sums[t][name] += float(value.pow(2).sum())
     count = z.numel()
-    return {"t": t, **{f"mse_{k}": v / count for k, v in sums.items() if k != "delta"},
-            "delta_rms": (sums["delta"] / count) ** 0.5}
+    return [{"t": t, **{f"mse_{k}": sums[t][k] / count for k in names[:3]},
+             "delta_rms": (sums[t]["delta"] / count) ** 0.5} for t in ts]
 
 
 def teacher_labels(guidance: float, n: int, seed: int, cache: Path) -> np.ndarray:
@@ -193,26 +200,26 @@ def main() -> None:
     start = time.time()
     probe = Probe(args.run, args.step, chain_guidance=args.chain_guidance)
     guidance = probe.cfg.guidance_scale
-    reference = teacher_labels(guidance, 384, args.seed, Path("runs/estep_probe_cache"))
     full = evaluation_prompts(args.full, args.seed)
     prompts = [p for p in UNDERSPECIFIED_PROMPTS for _ in range(args.n)] + full
     rng = torch.Generator().manual_seed(args.seed)
     z0 = torch.randn((len(prompts), *probe.shape), generator=rng)
     eps0 = torch.randn((len(prompts), *probe.shape), generator=rng)
-    jac = probe.jacobian_norm(list(UNDERSPECIFIED_PROMPTS) + full[:10], args.seed + 11)
-    jnorm = float(jac.max())
     out = {"run": str(args.run), "step": args.step, "guidance": guidance, "chain_guidance": probe.chain_guidance,
-           "t_star": probe.cfg.t_star,
-           "n_per_prompt": args.n, "full_prompts": args.full, "gamma_eps": args.gamma_eps,
-           "jacobian_norm": {"max": jnorm, "mean": float(jac.mean()), "min": float(jac.min())},
-           "generator": measure(probe, z0, prompts, args.n, full, reference), "chains": []}
+           "t_star": probe.cfg.t_star, "n_per_prompt": args.n, "full_prompts": args.full}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.denoising_only:
-        out["denoising"] = [denoising_errors(probe, z0, prompts, t, args.seed) for t in args.ts]
+    if args.denoising_only:  # no labels, no |J|, no chains
+        out["denoising"] = denoising_errors(probe, z0, prompts, args.ts, args.seed)
         out["seconds"] = round(time.time() - start)
         args.out.write_text(json.dumps(out, indent=1) + "\n")
         print(json.dumps(out["denoising"], indent=1))
         return
+    reference = teacher_labels(guidance, 384, args.seed, Path("runs/estep_probe_cache"))
+    jac = probe.jacobian_norm(list(UNDERSPECIFIED_PROMPTS) + full[:10], args.seed + 11)
+    jnorm = float(jac.max())
+    out.update({"gamma_eps": args.gamma_eps,
+                "jacobian_norm": {"max": jnorm, "mean": float(jac.mean()), "min": float(jac.min())},
+                "generator": measure(probe, z0, prompts, args.n, full, reference), "chains": []})
     print(f"|J| max {jnorm:.3f} mean {float(jac.mean()):.3f}; generator TV {out['generator']['tv']:.3f} "
           f"(floor {out['generator']['tv_floor']:.3f}) acc {out['generator']['accuracy']:.3f}", flush=True)
     for t in args.ts:

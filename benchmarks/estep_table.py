@@ -41,7 +41,7 @@ def denoising_table(rows: list[dict]) -> None:
 
 def main(paths: list[str]) -> None:
     reports = [json.loads(Path(p).read_text()) for p in paths]
-    with_chains = [r for r in reports if r["chains"]]
+    with_chains = [r for r in reports if r.get("chains")]
     if with_chains:
         chains_table(with_chains)
     for report in reports:
